@@ -1,0 +1,148 @@
+"""The broker contract: what every broker (SQS, SQLite, memory) provides.
+
+Brokers move opaque string bodies; they know nothing of tasks or envelopes. Semantics follow
+SQS: a received message is invisible for its visibility timeout and comes back unless it is
+acknowledged (deleted); a message received more than a queue's ``max_receive_count`` times is
+moved to that queue's dead-letter queue by the broker itself (the redrive policy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+#: SQS's own limits, which every broker enforces so code that works locally works on AWS.
+MAX_BATCH = 10
+MAX_DELAY_SECONDS = 900
+MAX_VISIBILITY_SECONDS = 12 * 60 * 60
+MAX_WAIT_SECONDS = 20
+DEFAULT_MAX_BODY_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """One message to send.
+
+    Attributes:
+        body: the message body (text).
+        delay: seconds before it becomes visible, 0..900.
+        attributes: string message attributes (dead-letter reasons travel here).
+        group_id: FIFO message group (FIFO queues only).
+        dedup_id: FIFO deduplication id (FIFO queues only).
+    """
+
+    body: str
+    delay: int = 0
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    group_id: str | None = None
+    dedup_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    """One received message, with the handle needed to ack it or change its visibility."""
+
+    queue: str
+    message_id: str
+    receipt: str
+    body: str
+    receive_count: int = 1
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    sent_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSettings:
+    """What ``ensure_queue`` creates.
+
+    Attributes:
+        visibility_timeout: default seconds a received message stays invisible.
+        dead_letter_queue: name of the queue poison messages move to (created too), or None.
+        max_receive_count: receives after which the broker moves a message to the DLQ.
+        fifo: create a FIFO queue (the name must end in ``.fifo``).
+    """
+
+    visibility_timeout: int = 30
+    dead_letter_queue: str | None = None
+    max_receive_count: int = 10
+    fifo: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Approximate counts, as SQS reports them."""
+
+    queue: str
+    visible: int
+    in_flight: int
+    delayed: int
+
+
+@runtime_checkable
+class Broker(Protocol):
+    """The operations the producer, the worker loop and the CLI need.
+
+    Batch operations take at most :data:`MAX_BATCH` entries. They retry the entries that fail
+    transiently and raise :class:`~ebsqs.errors.PartialBatchError` naming the ones that still
+    failed, except ``ack`` and ``change_visibility``, which return the failures (a failed delete
+    is not an error the caller can fix: the message will simply be delivered again).
+    """
+
+    #: The largest body (in UTF-8 bytes) the broker accepts.
+    max_body_bytes: int
+
+    def send(self, queue: str, message: OutgoingMessage) -> str:
+        """Send one message; return its message id."""
+        ...
+
+    def send_batch(self, queue: str, messages: Sequence[OutgoingMessage]) -> list[str]:
+        """Send up to ten messages; return their ids in order."""
+        ...
+
+    def receive(
+        self,
+        queue: str,
+        max_messages: int,
+        wait_seconds: float,
+        visibility_timeout: int | None = None,
+    ) -> list[ReceivedMessage]:
+        """Receive up to ``max_messages`` (1..10), waiting up to ``wait_seconds`` for one."""
+        ...
+
+    def ack(self, messages: Sequence[ReceivedMessage]) -> dict[str, str]:
+        """Delete messages by receipt. Returns ``{message_id: reason}`` for those that failed."""
+        ...
+
+    def change_visibility(
+        self, messages: Sequence[ReceivedMessage], timeout: int
+    ) -> dict[str, str]:
+        """Set the visibility of received messages (0 releases them at once).
+
+        Returns ``{message_id: reason}`` for the entries that failed.
+        """
+        ...
+
+    def ensure_queue(self, queue: str, settings: QueueSettings | None = None) -> None:
+        """Create the queue (and its dead-letter queue and redrive policy) if missing."""
+        ...
+
+    def list_queues(self, prefix: str = "") -> list[str]:
+        """Names of the queues whose name starts with ``prefix``."""
+        ...
+
+    def stats(self, queue: str) -> QueueStats:
+        """Approximate visible / in-flight / delayed counts."""
+        ...
+
+    def purge(self, queue: str) -> None:
+        """Delete every message in the queue."""
+        ...
+
+    def delete_queue(self, queue: str) -> None:
+        """Delete the queue itself (tests and `ebsqs queues delete`)."""
+        ...
+
+    def close(self) -> None:
+        """Release clients, connections and file handles held by this process."""
+        ...

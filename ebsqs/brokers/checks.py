@@ -1,0 +1,39 @@
+"""Argument checks every broker applies, so a mistake fails the same way on each of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ebsqs.brokers.base import (
+    MAX_BATCH,
+    MAX_DELAY_SECONDS,
+    MAX_VISIBILITY_SECONDS,
+    MAX_WAIT_SECONDS,
+    OutgoingMessage,
+)
+from ebsqs.errors import BrokerError, MessageTooLargeError
+
+
+def check_batch(entries: Sequence[object]) -> None:
+    """A batch holds 1..10 entries, as on SQS."""
+    if not 1 <= len(entries) <= MAX_BATCH:
+        raise BrokerError(f"a batch holds 1 to {MAX_BATCH} entries, got {len(entries)}")
+
+
+def check_message(message: OutgoingMessage, max_body_bytes: int) -> None:
+    """Delay within 0..900 s and a body within the broker's size limit."""
+    if not 0 <= message.delay <= MAX_DELAY_SECONDS:
+        raise BrokerError(f"delay must be 0..{MAX_DELAY_SECONDS} seconds, got {message.delay}")
+    size = len(message.body.encode("utf-8"))
+    if size > max_body_bytes:
+        raise MessageTooLargeError(size, max_body_bytes, "(raw message)")
+
+
+def check_receive(max_messages: int, wait_seconds: float, visibility: int | None) -> None:
+    """Receive arguments within SQS's ranges."""
+    if not 1 <= max_messages <= MAX_BATCH:
+        raise BrokerError(f"receive takes 1..{MAX_BATCH} messages, got {max_messages}")
+    if not 0 <= wait_seconds <= MAX_WAIT_SECONDS:
+        raise BrokerError(f"wait must be 0..{MAX_WAIT_SECONDS} seconds, got {wait_seconds}")
+    if visibility is not None and not 0 <= visibility <= MAX_VISIBILITY_SECONDS:
+        raise BrokerError(f"visibility must be 0..{MAX_VISIBILITY_SECONDS} s, got {visibility}")

@@ -1,0 +1,93 @@
+"""The exception tree. Everything ebsqs raises on purpose is an :class:`EbsqsError`."""
+
+from __future__ import annotations
+
+
+class EbsqsError(Exception):
+    """Base class of every error ebsqs raises on purpose."""
+
+
+class ConfigurationError(EbsqsError):
+    """Settings, flags or URLs that cannot work (a bad broker URL, an unknown executor)."""
+
+
+class EnvelopeError(EbsqsError):
+    """A message body that cannot be trusted or decoded. Dead-lettered, never retried."""
+
+
+class SerializationError(EbsqsError, TypeError):
+    """Task arguments that the wire format cannot carry, raised at ``.delay()``."""
+
+
+class MessageTooLargeError(EbsqsError, ValueError):
+    """An encoded body larger than the broker accepts, raised at ``.delay()``."""
+
+    def __init__(self, size: int, limit: int, task_name: str) -> None:
+        super().__init__(
+            f"message for task {task_name!r} is {size} bytes, over the broker's limit of "
+            f"{limit} bytes; pass a reference (an S3 key, a database id) instead of the data"
+        )
+        self.size = size
+        self.limit = limit
+
+
+class UnknownTaskError(EnvelopeError):
+    """A message names a task that is not registered in this process."""
+
+
+class BrokerError(EbsqsError):
+    """The broker failed an operation after retries."""
+
+
+class QueueDoesNotExist(BrokerError):
+    """The named queue does not exist on the broker."""
+
+    def __init__(self, queue: str) -> None:
+        super().__init__(
+            f"queue {queue!r} does not exist; create it with `ebsqs queues create {queue}`"
+        )
+        self.queue = queue
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker's endpoint cannot be reached or keeps refusing us."""
+
+
+class PartialBatchError(BrokerError):
+    """Some entries of a batch call failed for good (after retrying those entries).
+
+    Attributes:
+        failed: ``{index in the batch: reason}`` for every entry that failed.
+        succeeded: ``{index: message id}`` (sends) or ``{index: ""}`` for the rest.
+    """
+
+    def __init__(self, operation: str, failed: dict[int, str], succeeded: dict[int, str]) -> None:
+        reasons = "; ".join(f"#{i}: {why}" for i, why in sorted(failed.items())[:5])
+        super().__init__(f"{operation}: {len(failed)} of {len(failed) + len(succeeded)} failed ({reasons})")
+        self.failed = failed
+        self.succeeded = succeeded
+
+
+class MaxRetriesReachedException(EbsqsError):
+    """Raised by ``Task.retry()`` when the task has no retries left (as in django-eb-sqs)."""
+
+    def __init__(self, retries: int) -> None:
+        super().__init__(f"maximum retries reached ({retries})")
+        self.retries = retries
+
+
+class Retry(Exception):  # noqa: N818 - control flow, named for what it asks for
+    """Control flow raised by ``Task.retry()``: end this attempt and schedule the next.
+
+    Deliberately not an :class:`EbsqsError`, so ``except EbsqsError`` in user code does not
+    swallow it by accident.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str | None = None) -> None:
+        super().__init__(reason or "retry requested")
+        self.delay = delay
+        self.reason = reason
+
+
+class SoftTimeLimitExceeded(EbsqsError):
+    """Raised inside a task that ran past its soft time limit (where the executor can)."""

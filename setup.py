@@ -1,0 +1,47 @@
+"""Packaging for ebsqs. Tool configuration lives in pyproject.toml."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ebsqs",
+    version="0.1.0",
+    description="A supervised, prefork task queue for Python and Django on Amazon SQS",
+    long_description=open("README.md", encoding="utf-8").read(),  # noqa: SIM115
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["ebsqs", "ebsqs.*"]),
+    package_data={"ebsqs": ["py.typed"]},
+    install_requires=[
+        "boto3>=1.34",
+        "click>=8.1",
+        "psutil>=5.9",
+        "structlog>=24.1",
+    ],
+    extras_require={
+        "django": ["django>=4.2"],
+        "proctitle": ["setproctitle>=1.3"],
+        "test": [
+            "moto[server]>=5.0",
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "django>=5.2,<6",
+            "django-tasks>=0.8",
+            "psycopg[binary]>=3.1",
+            "setproctitle>=1.3",
+        ],
+        "dev": ["ruff>=0.6", "mypy>=1.11", "boto3-stubs[sqs]", "django-stubs"],
+    },
+    entry_points={
+        "console_scripts": ["ebsqs = ebsqs.cli:main"],
+        "ebsqs.executors": [
+            "inline = ebsqs.executors.inline:InlineExecutor",
+            "thread = ebsqs.executors.thread:ThreadExecutor",
+            "process = ebsqs.executors.process:ProcessExecutor",
+        ],
+    },
+    classifiers=[
+        "Framework :: Django",
+        "Programming Language :: Python :: 3.11",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
