@@ -64,8 +64,10 @@ class MemoryBroker:
 
     @classmethod
     def reset(cls) -> None:
-        """Forget every named store (for tests)."""
-        cls._named.clear()
+        """Empty every named store (for tests); objects handed out stay valid."""
+        for broker in cls._named.values():
+            with broker._changed:
+                broker._queues.clear()
 
     def _queue(self, name: str) -> _Queue:
         try:

@@ -1,0 +1,140 @@
+"""Settings: one frozen object, read when needed, never at import.
+
+Precedence, lowest first: defaults, registered sources (Django's ``EBSQS`` dict and the
+django-eb-sqs ``EB_SQS_*`` names, added by ``ebsqs.contrib.django``), ``EBSQS_*`` environment
+variables, then explicit overrides (CLI flags).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ebsqs.errors import ConfigurationError
+
+SettingsSource = Callable[[], Mapping[str, Any]]
+
+#: Settings sources beyond the environment; the Django app registers one. A registry, like the
+#: task registry: the only other module-level state, and tests can clear it.
+SOURCES: list[SettingsSource] = []
+
+DEFAULT_BROKER_URL = "sqlite:///ebsqs.sqlite3"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a producer or a worker needs to know.
+
+    Attributes:
+        broker_url: ``sqs://``, ``sqlite:///path`` or ``memory://``.
+        queue_prefix: prepended to every queue name, on the producer and the worker side.
+        default_queue: the queue of tasks that name none.
+        default_delay: seconds ``.delay()`` waits when the task and the call name no delay.
+        default_max_retries: retries of tasks that name no ``max_retries``.
+        eager: run ``.delay()`` in-process through the full serialisation path (tests).
+        accept_pickle: let workers run pickled (legacy) bodies; off, since pickle runs code.
+        signing_key: HMAC key; when set, producers sign and workers refuse unsigned bodies.
+        dead_letter_suffix: ``<queue><suffix>`` is a queue's dead-letter queue.
+        auto_create_queues: workers create missing queues (and their DLQ) at start.
+        visibility_timeout: seconds a received message stays invisible (extended while running).
+        wait_seconds: long-poll wait of one receive, 1..20.
+        max_receive_count: receives before the broker itself dead-letters a message (crashes).
+        legacy_producer: write django-eb-sqs bodies, for fleets that still run its workers.
+        log_arguments: include task arguments in log lines (off: they may hold personal data).
+        backoff_base: first retry delay in seconds (doubled each attempt, full jitter).
+        backoff_cap: the longest retry delay in seconds.
+    """
+
+    broker_url: str = DEFAULT_BROKER_URL
+    queue_prefix: str = ""
+    default_queue: str = "default"
+    default_delay: int = 0
+    default_max_retries: int = 0
+    eager: bool = False
+    accept_pickle: bool = False
+    signing_key: str | None = None
+    dead_letter_suffix: str = "-dlq"
+    auto_create_queues: bool = True
+    visibility_timeout: int = 30
+    wait_seconds: int = 20
+    max_receive_count: int = 10
+    legacy_producer: bool = False
+    log_arguments: bool = False
+    backoff_base: float = 1.0
+    backoff_cap: float = 3600.0
+
+    def physical_queue(self, queue: str) -> str:
+        """The broker-side name of a logical queue: the prefix, applied exactly once here."""
+        return f"{self.queue_prefix}{queue}"
+
+    def dead_letter_queue(self, queue: str) -> str:
+        """The broker-side name of a logical queue's dead-letter queue."""
+        return self.dead_letter_queue_of_physical(self.physical_queue(queue))
+
+    def dead_letter_queue_of_physical(self, name: str) -> str:
+        """The dead-letter queue of a broker-side queue name (FIFO names keep ``.fifo`` last)."""
+        if name.endswith(".fifo"):
+            return f"{name[: -len('.fifo')]}{self.dead_letter_suffix}.fifo"
+        return f"{name}{self.dead_letter_suffix}"
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed (unknown names are an error)."""
+        return dataclasses.replace(self, **_coerce_all(changes, origin="override"))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read settings now, from every source, ``overrides`` winning."""
+    values: dict[str, Any] = {}
+    for source in SOURCES:
+        values.update(_coerce_all(source(), origin="settings source"))
+    values.update(_from_env(os.environ))
+    values.update(_coerce_all({k: v for k, v in overrides.items() if v is not None}, "override"))
+    return Settings(**values)
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    found = {}
+    for field in fields(Settings):
+        raw = environ.get(f"EBSQS_{field.name.upper()}")
+        if raw is not None and raw != "":
+            found[field.name] = raw
+    return _coerce_all(found, origin="environment")
+
+
+def _coerce_all(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
+    types = {field.name: field.type for field in fields(Settings)}
+    coerced = {}
+    for name, value in values.items():
+        if name not in types:
+            raise ConfigurationError(f"unknown ebsqs setting {name!r} (from the {origin})")
+        coerced[name] = _coerce(name, str(types[name]), value, origin)
+    return coerced
+
+
+def _coerce(name: str, type_name: str, value: Any, origin: str) -> Any:
+    if value is None or not isinstance(value, str) or type_name.startswith("str"):
+        return value
+    try:
+        if type_name == "bool":
+            return _parse_bool(value)
+        if type_name == "int":
+            return int(value)
+        if type_name == "float":
+            return float(value)
+    except ValueError:
+        raise ConfigurationError(
+            f"setting {name} from the {origin} must be a {type_name}, got {value!r}"
+        ) from None
+    return value
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(value)

@@ -1,0 +1,54 @@
+"""The Executor contract: where jobs run, how many at once, and how they are stopped."""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from ebsqs.execution import Job, Outcome
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """Runs jobs and hands back outcomes; never acks, retries or dead-letters.
+
+    Constructed as ``Executor(concurrency=N, registry=registry)`` before the fork; ``start()``
+    runs after it, in the process that runs the worker loop.
+    """
+
+    #: How many jobs may run at once.
+    concurrency: int
+
+    def start(self) -> None:
+        """Create pools and threads (in the worker's own process, after any fork)."""
+        ...
+
+    def submit(self, job: Job) -> None:
+        """Start a job. Only called while ``free_slots() > 0``."""
+        ...
+
+    def free_slots(self) -> int:
+        """How many more jobs could start now."""
+        ...
+
+    def collect(self, timeout: float) -> list[Outcome]:
+        """Outcomes of finished jobs, waiting up to ``timeout`` seconds for the first one."""
+        ...
+
+    def running(self) -> int:
+        """How many jobs are running."""
+        ...
+
+    def stop_overdue(self, now: float) -> list[Outcome]:
+        """Stop jobs past their hard time limit, where this executor can; their outcomes.
+
+        ``now`` is ``time.monotonic()``. Executors that cannot stop a job (inline, thread)
+        return nothing: the supervisor replaces their process instead.
+        """
+        ...
+
+    def shutdown(self, deadline: float) -> list[Outcome]:
+        """Let running jobs finish until ``deadline`` (monotonic), then stop the rest.
+
+        Returns the outcomes not yet collected; stopped jobs come back as INTERRUPTED.
+        """
+        ...

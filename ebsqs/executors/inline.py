@@ -1,0 +1,44 @@
+"""The inline executor: the task runs in the worker loop's own thread, one at a time."""
+
+from __future__ import annotations
+
+import time
+
+from ebsqs.execution import Job, Outcome, run_job
+from ebsqs.registry import TaskRegistry, registry
+
+
+class InlineExecutor:
+    """Concurrency 1; ``submit`` returns when the task has finished.
+
+    A task that overruns its hard limit cannot be stopped from inside: the worker's heartbeat
+    carries the deadline, and the supervisor replaces the whole child.
+    """
+
+    def __init__(self, concurrency: int = 1, registry: TaskRegistry = registry) -> None:
+        self.concurrency = 1
+        self._registry = registry
+        self._done: list[Outcome] = []
+
+    def start(self) -> None:
+        """Nothing to create."""
+
+    def submit(self, job: Job) -> None:
+        deadline = time.time() + job.time_limit if job.time_limit else None
+        self._done.append(run_job(job, self._registry, deadline))
+
+    def free_slots(self) -> int:
+        return 1
+
+    def collect(self, timeout: float) -> list[Outcome]:
+        done, self._done = self._done, []
+        return done
+
+    def running(self) -> int:
+        return 0
+
+    def stop_overdue(self, now: float) -> list[Outcome]:
+        return []
+
+    def shutdown(self, deadline: float) -> list[Outcome]:
+        return self.collect(0)

@@ -1,0 +1,218 @@
+"""Deciding what becomes of a message once its task has an outcome: ack, retry or dead-letter.
+
+The order is the guarantee: the retry or the dead-letter copy is sent *before* the original is
+deleted, so a crash between the two repeats work instead of losing it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ebsqs.backoff import Backoff
+from ebsqs.brokers import MAX_BATCH, MAX_VISIBILITY_SECONDS, Broker, OutgoingMessage, ReceivedMessage
+from ebsqs.config import Settings
+from ebsqs.envelope import Envelope
+from ebsqs.errors import EbsqsError, EnvelopeError
+from ebsqs.execution import Outcome, OutcomeKind
+from ebsqs.producer import outgoing, send_messages
+
+if TYPE_CHECKING:
+    from ebsqs.worker import Counters, Held
+
+log = structlog.get_logger(__name__)
+
+#: Dead-letter copies carry why they are there in these message attributes.
+REASON, ERROR_TYPE, ERROR, ATTEMPTS, SOURCE, TASK = (
+    "ebsqs-reason",
+    "ebsqs-error-type",
+    "ebsqs-error",
+    "ebsqs-attempts",
+    "ebsqs-source-queue",
+    "ebsqs-task",
+)
+
+
+class Settler:
+    """Acts on outcomes for one worker; owns every write the worker makes to the broker."""
+
+    def __init__(
+        self, broker: Broker, settings: Settings, backoff: Backoff, counters: Counters
+    ) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.backoff = backoff
+        self.counters = counters
+
+    def settle(self, finished: Sequence[tuple[Held, Outcome]]) -> None:
+        """Ack, retry or dead-letter each finished message; ack in batches of ten."""
+        acks: list[ReceivedMessage] = []
+        for held, outcome in finished:
+            if outcome.kind is OutcomeKind.INTERRUPTED:
+                self.release([held.message], "interrupted", timeout=1)
+            elif self._decide(held, outcome):
+                acks.append(held.message)
+        self.ack(acks)
+
+    def _decide(self, held: Held, outcome: Outcome) -> bool:
+        """Act on one outcome; True when the original message may now be deleted."""
+        envelope = held.envelope
+        assert envelope is not None
+        fields = _log_fields(held, envelope, outcome, self.settings.log_arguments)
+        if outcome.kind is OutcomeKind.SUCCEEDED:
+            self.counters.done += 1
+            log.info("task_succeeded", **fields)
+            return True
+        wants_retry = outcome.kind is OutcomeKind.RETRY or (
+            outcome.retryable or outcome.kind is OutcomeKind.TIMED_OUT
+        )
+        if wants_retry and envelope.retries_left > 0:
+            return self._retry(held, envelope, outcome, fields)
+        self.counters.failed += 1
+        reason = "retries exhausted" if wants_retry else "failed"
+        log.error(f"task_{outcome.kind.value if outcome.kind is OutcomeKind.TIMED_OUT else 'failed'}",
+                  reason=reason, error_type=outcome.error_type, error=outcome.error, **fields)
+        return self.dead_letter(
+            held.message,
+            reason,
+            {
+                ERROR_TYPE: outcome.error_type or outcome.kind.value,
+                ERROR: outcome.error or "",
+                ATTEMPTS: str(envelope.attempt),
+                TASK: envelope.task,
+            },
+        )
+
+    def _retry(
+        self, held: Held, envelope: Envelope, outcome: Outcome, fields: dict[str, object]
+    ) -> bool:
+        delay = outcome.retry_delay
+        if delay is None:
+            delay = self.backoff.delay(envelope.attempt)
+        try:
+            self._send(held.message.queue, envelope.next_attempt(None), time.time() + delay)
+        except EbsqsError as exc:
+            log.error("retry_send_failed", error=str(exc), **fields)
+            return False  # keep the message: it comes back after its visibility timeout
+        self.counters.retried += 1
+        log.warning(
+            "task_retried",
+            retry_in=round(delay, 3),
+            error_type=outcome.error_type,
+            error=outcome.error,
+            **fields,
+        )
+        return True
+
+    def hop(self, held: Held, envelope: Envelope) -> None:
+        """Send a not-yet-due message on with the rest of its delay, then delete the original."""
+        assert envelope.due is not None
+        try:
+            self._send(held.message.queue, envelope, envelope.due)
+        except EbsqsError as exc:
+            log.error("delay_hop_failed", task_id=envelope.id, error=str(exc))
+            return
+        log.debug("task_delay_hopped", task_id=envelope.id, due=envelope.due)
+        self.ack([held.message])
+
+    def _send(self, queue: str, envelope: Envelope, due: float) -> None:
+        message = outgoing(envelope, due, self.settings, self.broker.max_body_bytes)
+        send_messages(self.broker, self.settings, queue, [message])
+
+    def reject(self, held: Held, exc: EnvelopeError) -> None:
+        """Dead-letter a message that must not run (undecodable, unknown task, bad signature)."""
+        self.counters.dead_lettered += 1
+        log.error(
+            "message_rejected",
+            queue=held.queue,
+            message_id=held.message.message_id,
+            error_type=type(exc).__name__,
+            reason=str(exc),
+        )
+        if self.dead_letter(held.message, "rejected", {ERROR_TYPE: type(exc).__name__, ERROR: str(exc)}):
+            self.ack([held.message])
+
+    def dead_letter(
+        self, message: ReceivedMessage, reason: str, details: Mapping[str, str]
+    ) -> bool:
+        """Copy a message to its queue's dead-letter queue; True once the copy is sent."""
+        queue = self.settings.dead_letter_queue_of_physical(message.queue)
+        attributes = {REASON: reason, SOURCE: message.queue, **details}
+        attributes = {key: value[:1000] for key, value in attributes.items() if value}
+        try:
+            send_messages(
+                self.broker, self.settings, queue, [OutgoingMessage(message.body, attributes=attributes)]
+            )
+        except EbsqsError as exc:
+            log.error("dead_letter_failed", queue=queue, message_id=message.message_id, error=str(exc))
+            return False  # keep the original: the broker's redrive policy is the backstop
+        self.counters.dead_lettered += 1
+        log.warning("message_dead_lettered", dead_letter_queue=queue, message_id=message.message_id, reason=reason)
+        return True
+
+    def ack(self, messages: Sequence[ReceivedMessage]) -> None:
+        """Delete messages in batches of ten; a failed delete means the message comes again."""
+        for start in range(0, len(messages), MAX_BATCH):
+            batch = messages[start : start + MAX_BATCH]
+            try:
+                failed = self.broker.ack(batch)
+            except EbsqsError as exc:
+                failed = {m.message_id: str(exc) for m in batch}
+            for message_id, why in failed.items():
+                log.warning("ack_failed", message_id=message_id, reason=why)
+
+    def release(self, messages: Sequence[ReceivedMessage], reason: str, timeout: int = 0) -> None:
+        """Make messages visible again after ``timeout`` seconds (0: at once)."""
+        for start in range(0, len(messages), MAX_BATCH):
+            batch = messages[start : start + MAX_BATCH]
+            try:
+                failed = self.broker.change_visibility(batch, timeout)
+            except EbsqsError as exc:
+                failed = {m.message_id: str(exc) for m in batch}
+            log.info("messages_released", count=len(batch) - len(failed), reason=reason)
+            for message_id, why in failed.items():
+                log.warning("release_failed", message_id=message_id, reason=why)
+
+    def extend(self, held: Sequence[Held], timeout: int, now: float) -> None:
+        """Push back the visibility of held messages, never past a task's hard limit."""
+        by_timeout: dict[int, list[Held]] = {}
+        for item in held:
+            limit = min(item.first_received + MAX_VISIBILITY_SECONDS, item.deadline or float("inf"))
+            # Past the hard limit (plus a margin for the kill), let the message come back.
+            extension = int(min(timeout, max(limit + 5 - now, 0)))
+            if extension > 0:
+                by_timeout.setdefault(extension, []).append(item)
+        for extension, items in by_timeout.items():
+            for start in range(0, len(items), MAX_BATCH):
+                batch = items[start : start + MAX_BATCH]
+                try:
+                    failed = self.broker.change_visibility([h.message for h in batch], extension)
+                except EbsqsError as exc:
+                    failed = {h.message.message_id: str(exc) for h in batch}
+                for item in batch:
+                    if item.message.message_id in failed:
+                        log.warning("visibility_extension_failed", message_id=item.message.message_id,
+                                    reason=failed[item.message.message_id])
+                    else:
+                        item.visible_until = now + extension
+                        self.counters.extended += 1
+
+
+def _log_fields(
+    held: Held, envelope: Envelope, outcome: Outcome, with_arguments: bool
+) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "task": envelope.task,
+        "task_id": envelope.id,
+        "message_id": held.message.message_id,
+        "queue": held.queue,
+        "attempt": envelope.attempt,
+        "duration": round(outcome.duration, 4),
+    }
+    if with_arguments:
+        fields["args"] = envelope.args
+        fields["kwargs"] = dict(envelope.kwargs)
+    return fields

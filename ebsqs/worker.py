@@ -1,0 +1,348 @@
+"""The receive-execute-ack loop of one process.
+
+Per iteration (:meth:`Worker.loop_once`): receive what the executor can start (plus at most one
+batch held back), decode and check each message, start what is due, collect outcomes, then ack,
+retry or dead-letter. A keeper thread beside the loop extends the visibility of every held
+message before it expires and reports a heartbeat every second, so a long task neither loses its
+message nor makes a healthy process look hung.
+
+Guarantees: at-least-once. A message is deleted only after its task succeeded, its retry was
+sent, or its dead-letter copy was sent. Messages fetched but not started are released
+(visibility 0) when the worker stops.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import cycle
+
+import structlog
+
+from ebsqs.backoff import Backoff
+from ebsqs.brokers import MAX_BATCH, Broker, ReceivedMessage
+from ebsqs.config import Settings
+from ebsqs.envelope import Envelope, decode
+from ebsqs.errors import BrokerError, EnvelopeError, QueueDoesNotExist
+from ebsqs.execution import Job, Outcome
+from ebsqs.executors.base import Executor
+from ebsqs.producer import ensure_queue
+from ebsqs.registry import TaskRegistry, registry
+from ebsqs.settle import Settler
+
+log = structlog.get_logger(__name__)
+
+#: Seconds between keeper passes (heartbeat and visibility extension).
+KEEPER_INTERVAL = 1.0
+
+
+class WorkerState(enum.StrEnum):
+    """What the loop is doing, as heartbeats report it."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+
+
+@dataclass
+class Counters:
+    """Outcomes since the process started."""
+
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    received: int = 0
+    empty_receives: int = 0
+    receives: int = 0
+    extended: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RunningTask:
+    """A started task, as heartbeats report it."""
+
+    task: str
+    task_id: str
+    queue: str
+    started_at: float
+    deadline: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStatus:
+    """A snapshot for heartbeats and ``ebsqs status``."""
+
+    state: WorkerState
+    held: int
+    running: tuple[RunningTask, ...]
+    counters: Counters
+    at: float
+
+
+@dataclass
+class Held:
+    """A received message the worker is responsible for until it acks or releases it."""
+
+    message: ReceivedMessage
+    queue: str
+    envelope: Envelope | None = None
+    job: Job | None = None
+    started_at: float | None = None
+    deadline: float | None = None
+    visible_until: float = 0.0
+    first_received: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """How the loop behaves.
+
+    Attributes:
+        queues: logical queue names to consume.
+        wait_seconds: long-poll wait when nothing is running.
+        visibility_timeout: seconds a received message stays invisible before extension.
+        max_tasks: stop gracefully after this many tasks (recycling), or None.
+        heartbeat: called with a :class:`WorkerStatus` about every second, from the keeper.
+    """
+
+    queues: tuple[str, ...]
+    wait_seconds: float = 20
+    visibility_timeout: int = 30
+    max_tasks: int | None = None
+    heartbeat: Callable[[WorkerStatus], None] | None = None
+
+
+class Worker:
+    """One process's loop over its queues. Build it, ``start()`` it, then ``run()`` it."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        settings: Settings,
+        executor: Executor,
+        options: WorkerOptions,
+        registry: TaskRegistry = registry,
+    ) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.executor = executor
+        self.options = options
+        self.registry = registry
+        self.counters = Counters()
+        self.state = WorkerState.STARTING
+        self._held: dict[str, Held] = {}
+        self._pending: deque[Held] = deque()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._keeper_stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self._queues = cycle(options.queues)
+        self._settler = Settler(
+            broker, settings, Backoff(settings.backoff_base, settings.backoff_cap), self.counters
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Prepare queues, the executor and the keeper (in the process that will run the loop)."""
+        for queue in self.options.queues:
+            self._check_queue(queue)
+        self.executor.start()
+        self._keeper = threading.Thread(target=self._keep, name="ebsqs-keeper", daemon=True)
+        self._keeper.start()
+        self.state = WorkerState.IDLE
+        log.info("worker_started", queues=list(self.options.queues))
+
+    def _check_queue(self, queue: str) -> None:
+        physical = self.settings.physical_queue(queue)
+        try:
+            self.broker.stats(physical)
+        except QueueDoesNotExist:
+            if not self.settings.auto_create_queues:
+                raise
+            ensure_queue(self.broker, self.settings, physical)
+
+    def run(self) -> None:
+        """Loop until asked to stop, then drain."""
+        try:
+            while not self._stopping.is_set():
+                self.loop_once()
+        finally:
+            self.drain()
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current step (safe from a signal handler)."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked for."""
+        return self._stopping.is_set()
+
+    def drain(self, deadline: float | None = None) -> None:
+        """Release unstarted messages, finish running ones until ``deadline``, settle all."""
+        self.state = WorkerState.DRAINING
+        self._release(list(self._pending), reason="draining")
+        self._pending.clear()
+        if deadline is None:
+            deadline = time.monotonic() + 3600
+        self._settle(self.executor.shutdown(deadline))
+        self._release(list(self._held.values()), reason="stopped before finishing", timeout=1)
+        self._keeper_stop.set()
+        self.state = WorkerState.STOPPED
+        log.info("worker_stopped", **_counts(self.counters))
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def loop_once(self) -> None:
+        """One iteration: receive what can start, start what is due, settle what finished."""
+        if self._wants_messages():
+            self._receive()
+        self._start_pending()
+        wait = 0.0 if self._pending else min(1.0, self.options.wait_seconds)
+        outcomes = self.executor.collect(wait if self.executor.running() else 0.0)
+        outcomes += self.executor.stop_overdue(time.monotonic())
+        self._settle(outcomes)
+        self._start_pending()
+        self.state = WorkerState.BUSY if self._held else WorkerState.IDLE
+        if self._reached_max_tasks():
+            log.info("worker_recycled", tasks=self.counters.done + self.counters.failed)
+            self.stop()
+
+    def _wants_messages(self) -> bool:
+        if self._stopping.is_set() or self._reached_max_tasks():
+            return False
+        room = self.executor.concurrency + MAX_BATCH - len(self._held)
+        return room > 0 and len(self._pending) < max(self.executor.free_slots(), 1)
+
+    def _reached_max_tasks(self) -> bool:
+        limit = self.options.max_tasks
+        return limit is not None and self.counters.done + self.counters.failed >= limit
+
+    def _receive(self) -> None:
+        queue = next(self._queues)
+        room = self.executor.concurrency + MAX_BATCH - len(self._held)
+        # Long-poll only when nothing runs: outcomes must not wait behind a 20-second poll.
+        idle = not self._held
+        wait = self.options.wait_seconds / len(self.options.queues) if idle else 0
+        try:
+            messages = self.broker.receive(
+                self.settings.physical_queue(queue),
+                min(room, MAX_BATCH),
+                wait_seconds=max(min(wait, 20), 0),
+                visibility_timeout=self.options.visibility_timeout,
+            )
+        except BrokerError as exc:
+            log.error("receive_failed", queue=queue, error=str(exc))
+            self._stopping.wait(1.0)  # back off without spinning; wakes at once on stop
+            return
+        self.counters.receives += 1
+        self.counters.received += len(messages)
+        if not messages:
+            self.counters.empty_receives += 1
+        now = time.time()
+        for message in messages:
+            self._accept(Held(message, queue, visible_until=now + self.options.visibility_timeout))
+
+    def _accept(self, held: Held) -> None:
+        """Decode and check one message; keep it if it can run, else dead-letter or hop it."""
+        try:
+            envelope = decode(
+                held.message.body,
+                signing_key=self.settings.signing_key,
+                accept_pickle=self.settings.accept_pickle,
+            )
+            task = self.registry.get(envelope.task)
+        except EnvelopeError as exc:
+            self._settler.reject(held, exc)
+            return
+        held.envelope = envelope
+        if envelope.due is not None and envelope.due > time.time() + 1:
+            self._settler.hop(held, envelope)
+            return
+        held.job = Job(
+            key=held.message.message_id,
+            envelope=envelope,
+            queue=held.queue,
+            time_limit=task.time_limit,
+            soft_time_limit=task.soft_time_limit,
+        )
+        with self._lock:
+            self._held[held.message.message_id] = held
+        self._pending.append(held)
+
+    def _start_pending(self) -> None:
+        while self._pending and self.executor.free_slots() > 0 and not self._stopping.is_set():
+            held = self._pending.popleft()
+            assert held.job is not None
+            held.started_at = time.time()
+            if held.job.time_limit:
+                held.deadline = held.started_at + held.job.time_limit
+            self.state = WorkerState.BUSY
+            self.executor.submit(held.job)
+            # Inline jobs finish inside submit(): settle them now so acks don't wait.
+            self._settle(self.executor.collect(0))
+
+    def _settle(self, outcomes: Sequence[Outcome]) -> None:
+        finished = []
+        for outcome in outcomes:
+            with self._lock:
+                held = self._held.pop(outcome.key, None)
+            if held is not None:
+                finished.append((held, outcome))
+        self._settler.settle(finished)
+
+    def _release(self, held: Sequence[Held], reason: str, timeout: int = 0) -> None:
+        """Make messages visible again (at once, or after ``timeout`` seconds)."""
+        with self._lock:
+            for item in held:
+                self._held.pop(item.message.message_id, None)
+        self._settler.release([item.message for item in held], reason, timeout)
+
+    # -- the keeper thread -----------------------------------------------------------------
+
+    def _keep(self) -> None:
+        """Beside the loop: extend visibility and send heartbeats until the worker stops."""
+        while not self._keeper_stop.wait(KEEPER_INTERVAL):
+            try:
+                self._extend_visibility()
+                if self.options.heartbeat is not None:
+                    self.options.heartbeat(self.status())
+            except Exception as exc:  # noqa: BLE001 - the keeper must outlive one bad pass
+                log.error("keeper_failed", error=repr(exc))
+
+    def _extend_visibility(self) -> None:
+        now = time.time()
+        timeout = self.options.visibility_timeout
+        margin = max(timeout / 3, 2 * KEEPER_INTERVAL)
+        with self._lock:
+            due = [h for h in self._held.values() if h.visible_until - now < margin]
+        if due:
+            self._settler.extend(due, timeout, now)
+
+    def status(self) -> WorkerStatus:
+        """A snapshot of the loop, safe to take from any thread."""
+        with self._lock:
+            running = tuple(
+                RunningTask(h.job.envelope.task, h.job.envelope.id, h.queue, h.started_at, h.deadline)
+                for h in self._held.values()
+                if h.job is not None and h.started_at is not None
+            )
+            held = len(self._held)
+        return WorkerStatus(self.state, held, running, self.counters, time.time())
+
+
+def _counts(counters: Counters) -> dict[str, int]:
+    return {
+        "done": counters.done,
+        "failed": counters.failed,
+        "retried": counters.retried,
+        "dead_lettered": counters.dead_lettered,
+    }
