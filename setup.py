@@ -32,7 +32,7 @@ setup(
         "dev": ["ruff>=0.6", "mypy>=1.11", "boto3-stubs[sqs]", "django-stubs"],
     },
     entry_points={
-        "console_scripts": ["ebsqs = ebsqs.cli:main"],
+        "console_scripts": ["ebsqs = ebsqs.cli:run_cli"],
         "ebsqs.executors": [
             "inline = ebsqs.executors.inline:InlineExecutor",
             "thread = ebsqs.executors.thread:ThreadExecutor",

@@ -91,7 +91,7 @@ class Settler:
     ) -> bool:
         delay = outcome.retry_delay
         if delay is None:
-            delay = self.backoff.delay(envelope.attempt)
+            delay = (held.backoff or self.backoff).delay(envelope.attempt)
         try:
             self._send(held.message.queue, envelope.next_attempt(None), time.time() + delay)
         except EbsqsError as exc:

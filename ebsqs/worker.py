@@ -40,6 +40,14 @@ log = structlog.get_logger(__name__)
 KEEPER_INTERVAL = 1.0
 
 
+class FastStop(BaseException):  # noqa: N818 - a signal, not an error
+    """Raised in the loop's thread by a second stop signal: abandon work and exit now."""
+
+
+class _ReceiveInterrupted(Exception):  # noqa: N818
+    """Raised by a stop signal that arrives during a long poll, so the worker need not wait."""
+
+
 class WorkerState(enum.StrEnum):
     """What the loop is doing, as heartbeats report it."""
 
@@ -94,6 +102,7 @@ class Held:
     queue: str
     envelope: Envelope | None = None
     job: Job | None = None
+    backoff: Backoff | None = None
     started_at: float | None = None
     deadline: float | None = None
     visible_until: float = 0.0
@@ -141,6 +150,7 @@ class Worker:
         self._pending: deque[Held] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
+        self._receiving = False
         self._keeper_stop = threading.Event()
         self._keeper: threading.Thread | None = None
         self._queues = cycle(options.queues)
@@ -170,16 +180,42 @@ class Worker:
             ensure_queue(self.broker, self.settings, physical)
 
     def run(self) -> None:
-        """Loop until asked to stop, then drain."""
+        """Loop until asked to stop, then drain.
+
+        Raises:
+            FastStop: a second stop signal; every held message was released first.
+        """
         try:
             while not self._stopping.is_set():
                 self.loop_once()
-        finally:
             self.drain()
+        except FastStop:
+            self.abandon()
+            raise
 
     def stop(self) -> None:
         """Ask the loop to stop after the current step (safe from a signal handler)."""
         self._stopping.set()
+
+    def on_stop_signal(self, signum: int) -> None:
+        """The signal handler's whole job (it runs in the loop's thread).
+
+        The first signal asks for a drain, and cuts a long poll short so an idle worker stops
+        at once. The second raises :class:`FastStop` wherever the loop is, even inside a task.
+        """
+        if self._stopping.is_set():
+            raise FastStop(signum)
+        self._stopping.set()
+        if self._receiving:
+            raise _ReceiveInterrupted()
+
+    def abandon(self) -> None:
+        """Release every held message at once, running or not, and stop the keeper."""
+        self._pending.clear()
+        self._release(list(self._held.values()), reason="fast stop")
+        self._keeper_stop.set()
+        self.state = WorkerState.STOPPED
+        log.warning("worker_abandoned", **_counts(self.counters))
 
     @property
     def stopping(self) -> bool:
@@ -233,12 +269,20 @@ class Worker:
         idle = not self._held
         wait = self.options.wait_seconds / len(self.options.queues) if idle else 0
         try:
-            messages = self.broker.receive(
-                self.settings.physical_queue(queue),
-                min(room, MAX_BATCH),
-                wait_seconds=max(min(wait, 20), 0),
-                visibility_timeout=self.options.visibility_timeout,
-            )
+            self._receiving = True
+            try:
+                messages = self.broker.receive(
+                    self.settings.physical_queue(queue),
+                    min(room, MAX_BATCH),
+                    wait_seconds=max(min(wait, 20), 0),
+                    visibility_timeout=self.options.visibility_timeout,
+                )
+            finally:
+                self._receiving = False
+        except _ReceiveInterrupted:
+            # Anything the broker handed out in that instant comes back after its visibility
+            # timeout: delayed, never lost.
+            return
         except BrokerError as exc:
             log.error("receive_failed", queue=queue, error=str(exc))
             self._stopping.wait(1.0)  # back off without spinning; wakes at once on stop
@@ -264,6 +308,7 @@ class Worker:
             self._settler.reject(held, exc)
             return
         held.envelope = envelope
+        held.backoff = task.backoff
         if envelope.due is not None and envelope.due > time.time() + 1:
             self._settler.hop(held, envelope)
             return

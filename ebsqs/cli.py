@@ -1,0 +1,370 @@
+"""The ``ebsqs`` command line. Thin: parse flags, configure, call into the library.
+
+Every flag can also be set through the environment: the shared ones by the names shown in
+``--help`` (``EBSQS_BROKER_URL``, ``EBSQS_APP``, ``EBSQS_QUEUES`` ...), the rest as
+``EBSQS_<COMMAND>_<FLAG>``.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from ebsqs import executors, log
+from ebsqs.app import load_app, split_list
+from ebsqs.brokers import MAX_BATCH, Broker, OutgoingMessage, from_url
+from ebsqs.config import Settings, load_settings
+from ebsqs.envelope import Envelope
+from ebsqs.errors import EbsqsError
+from ebsqs.producer import ensure_queue, outgoing, send_messages
+from ebsqs.registry import registry
+from ebsqs.worker import FastStop, Worker, WorkerOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit codes, a protocol between a child and the supervisor (as in gunicorn).
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BOOT = 0, 1, 2, 3
+
+
+def broker_option(fn: F) -> F:
+    return click.option(
+        "--broker",
+        envvar="EBSQS_BROKER_URL",
+        help="Broker URL: sqs://, sqlite:///file.db or memory:// [env EBSQS_BROKER_URL; "
+        "default sqlite:///ebsqs.sqlite3].",
+    )(fn)
+
+
+def app_option(fn: F) -> F:
+    return click.option(
+        "--app",
+        "apps",
+        envvar="EBSQS_APP",
+        multiple=True,
+        help="Module(s) defining the tasks, comma-separated or repeated [env EBSQS_APP].",
+    )(fn)
+
+
+def log_options(fn: F) -> F:
+    fn = click.option(
+        "--log-level",
+        envvar="EBSQS_LOG_LEVEL",
+        type=click.Choice(log.LEVELS, case_sensitive=False),
+        default="info",
+        show_default=True,
+    )(fn)
+    return click.option(
+        "--log-format",
+        envvar="EBSQS_LOG_FORMAT",
+        type=click.Choice(["auto", "console", "json"]),
+        default="auto",
+        show_default=True,
+        help="console on a terminal and JSON otherwise, unless set.",
+    )(fn)
+
+
+def queues_option(required: bool = True) -> Callable[[F], F]:
+    def decorate(fn: F) -> F:
+        return click.option(
+            "--queues",
+            envvar="EBSQS_QUEUES",
+            required=required,
+            help="Comma-separated queue names [env EBSQS_QUEUES].",
+        )(fn)
+
+    return decorate
+
+
+def worker_options(fn: F) -> F:
+    """Flags shared by `worker` and `supervise`."""
+    for option in reversed(
+        [
+            click.option(
+                "--executor",
+                envvar="EBSQS_EXECUTOR",
+                default="inline",
+                show_default=True,
+                help="inline, thread, process or a registered plugin [env EBSQS_EXECUTOR].",
+            ),
+            click.option(
+                "--concurrency",
+                envvar="EBSQS_CONCURRENCY",
+                type=click.IntRange(min=1),
+                default=1,
+                show_default=True,
+                help="Tasks run at once by each worker process's executor.",
+            ),
+            click.option(
+                "--wait",
+                envvar="EBSQS_WAIT_SECONDS",
+                type=click.IntRange(0, 20),
+                default=None,
+                help="Long-poll seconds per receive (default 20).",
+            ),
+            click.option(
+                "--visibility-timeout",
+                envvar="EBSQS_VISIBILITY_TIMEOUT",
+                type=click.IntRange(1, 43200),
+                default=None,
+                help="Seconds a received message stays hidden; extended while its task runs.",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"auto_envvar_prefix": "EBSQS", "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ebsqs")
+def main() -> None:
+    """ebsqs: a supervised task queue on Amazon SQS (and an embedded SQLite broker)."""
+
+
+def run_cli() -> None:
+    """Console entry point: library errors become one-line messages, not tracebacks."""
+    try:
+        main.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(EXIT_ERROR)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EbsqsError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(EXIT_BOOT if _is_boot_error(exc) else EXIT_ERROR)
+
+
+def _is_boot_error(exc: EbsqsError) -> bool:
+    from ebsqs.app import AppImportError
+
+    return isinstance(exc, AppImportError)
+
+
+def settings_from(broker: str | None, **overrides: Any) -> Settings:
+    """Settings from every source, with CLI flags on top."""
+    return load_settings(broker_url=broker, **overrides)
+
+
+@main.command()
+@app_option
+@queues_option()
+@broker_option
+@worker_options
+@click.option("--max-tasks", type=click.IntRange(min=1), default=None, help="Exit after N tasks.")
+@log_options
+def worker(
+    apps: tuple[str, ...],
+    queues: str,
+    broker: str | None,
+    executor: str,
+    concurrency: int,
+    wait: int | None,
+    visibility_timeout: int | None,
+    max_tasks: int | None,
+    log_format: log.LogFormat,
+    log_level: str,
+) -> None:
+    """Run one worker process (no supervisor) on QUEUES until SIGTERM or SIGINT.
+
+    The first signal drains (stop receiving, finish the running task, release the rest);
+    a second one stops at once.
+    """
+    log.configure(log_format, log_level, role="worker")
+    settings = settings_from(broker, wait_seconds=wait, visibility_timeout=visibility_timeout)
+    load_app(split_list(apps))
+    names = split_list(queues)
+    if not names:
+        raise click.BadParameter("name at least one queue", param_hint="--queues")
+    the_worker = Worker(
+        from_url(settings.broker_url),
+        settings,
+        executors.create(executor, concurrency, registry),
+        WorkerOptions(
+            queues=tuple(names),
+            wait_seconds=settings.wait_seconds,
+            visibility_timeout=settings.visibility_timeout,
+            max_tasks=max_tasks,
+        ),
+    )
+    install_stop_signals(the_worker)
+    the_worker.start()
+    try:
+        the_worker.run()
+    except FastStop:
+        sys.exit(EXIT_ERROR)
+
+
+def install_stop_signals(the_worker: Worker) -> None:
+    """TERM/INT: drain; a second one: stop at once (see :meth:`Worker.on_stop_signal`)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: the_worker.on_stop_signal(signum))
+
+
+@main.command()
+@click.argument("task_name")
+@click.option("--args", "args_json", default="[]", help="Positional arguments as a JSON list.")
+@click.option("--kwargs", "kwargs_json", default="{}", help="Keyword arguments as a JSON object.")
+@click.option("--delay", type=click.FloatRange(min=0), default=None, help="Seconds to wait.")
+@click.option("--queue", default=None, help="Queue (default: the task's, or the default queue).")
+@app_option
+@broker_option
+def send(
+    task_name: str,
+    args_json: str,
+    kwargs_json: str,
+    delay: float | None,
+    queue: str | None,
+    apps: tuple[str, ...],
+    broker: str | None,
+) -> None:
+    """Send one TASK_NAME invocation; print its task id."""
+    args = _json_param(args_json, list, "--args")
+    kwargs = _json_param(kwargs_json, dict, "--kwargs")
+    settings = settings_from(broker)
+    load_app(split_list(apps))
+    if task_name in registry:
+        task = registry.get(task_name)
+        bound = task.send_with(queue_name=queue, delay=delay)
+        click.echo(bound.task._send([task.call(*args, **kwargs)], bound.options)[0])
+        return
+    if apps:
+        raise click.BadParameter(f"no task {task_name!r} in {', '.join(apps)}", param_hint="TASK")
+    envelope = Envelope(task=task_name, args=tuple(args), kwargs=kwargs)
+    the_broker = from_url(settings.broker_url)
+    message = outgoing(envelope, _now() + (delay or 0), settings, the_broker.max_body_bytes)
+    target = settings.physical_queue(queue or settings.default_queue)
+    send_messages(the_broker, settings, target, [message])
+    click.echo(envelope.id)
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _json_param(text: str, kind: type, flag: str) -> Any:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint=flag) from None
+    if not isinstance(value, kind):
+        raise click.BadParameter(f"must be a JSON {kind.__name__}", param_hint=flag)
+    return value
+
+
+@main.group()
+def queues() -> None:
+    """Create, list, inspect and purge queues."""
+
+
+@queues.command("create")
+@click.argument("names", nargs=-1, required=True)
+@broker_option
+def queues_create(names: tuple[str, ...], broker: str | None) -> None:
+    """Create queues, each with its dead-letter queue and a redrive policy."""
+    settings = settings_from(broker)
+    the_broker = from_url(settings.broker_url)
+    for name in names:
+        ensure_queue(the_broker, settings, settings.physical_queue(name))
+        click.echo(f"{settings.physical_queue(name)} (dead letters: {settings.dead_letter_queue(name)})")
+
+
+@queues.command("list")
+@click.option("--prefix", default="", help="Only queues whose name starts with this.")
+@broker_option
+def queues_list(prefix: str, broker: str | None) -> None:
+    """List queues."""
+    settings = settings_from(broker)
+    for name in from_url(settings.broker_url).list_queues(settings.physical_queue(prefix)):
+        click.echo(name)
+
+
+@queues.command("stats")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per queue.")
+@broker_option
+def queues_stats(names: tuple[str, ...], as_json: bool, broker: str | None) -> None:
+    """Show approximate visible / in-flight / delayed counts."""
+    settings = settings_from(broker)
+    the_broker = from_url(settings.broker_url)
+    rows = [the_broker.stats(settings.physical_queue(name)) for name in names]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps({"queue": row.queue, "visible": row.visible,
+                                   "in_flight": row.in_flight, "delayed": row.delayed}))
+        return
+    width = max(len("queue"), *(len(row.queue) for row in rows))
+    click.echo(f"{'queue':<{width}}  {'visible':>8}  {'in flight':>9}  {'delayed':>8}")
+    for row in rows:
+        click.echo(f"{row.queue:<{width}}  {row.visible:>8}  {row.in_flight:>9}  {row.delayed:>8}")
+
+
+@queues.command("purge")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@broker_option
+def queues_purge(name: str, yes: bool, broker: str | None) -> None:
+    """Delete every message in a queue."""
+    settings = settings_from(broker)
+    physical = settings.physical_queue(name)
+    if not yes:
+        click.confirm(f"Delete every message in {physical}?", abort=True)
+    from_url(settings.broker_url).purge(physical)
+    click.echo(f"purged {physical}")
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect and redrive dead-letter queues."""
+
+
+@dlq.command("redrive")
+@click.argument("queue")
+@click.option("--max", "limit", type=click.IntRange(min=1), default=None, help="Move at most N.")
+@broker_option
+def dlq_redrive(queue: str, limit: int | None, broker: str | None) -> None:
+    """Move dead letters of QUEUE back to QUEUE, unchanged (each runs once more)."""
+    settings = settings_from(broker)
+    the_broker = from_url(settings.broker_url)
+    moved = redrive(the_broker, settings.dead_letter_queue(queue), settings.physical_queue(queue), limit)
+    click.echo(f"moved {moved} message(s) from {settings.dead_letter_queue(queue)} to {settings.physical_queue(queue)}")
+
+
+def redrive(broker: Broker, source: str, target: str, limit: int | None) -> int:
+    """Move messages from ``source`` to ``target``: send first, then delete."""
+    moved = 0
+    while limit is None or moved < limit:
+        want = MAX_BATCH if limit is None else min(MAX_BATCH, limit - moved)
+        batch = broker.receive(source, want, wait_seconds=0, visibility_timeout=60)
+        if not batch:
+            break
+        broker.send_batch(target, [OutgoingMessage(m.body) for m in batch])
+        broker.ack(batch)
+        moved += len(batch)
+    return moved
+
+
+@dlq.command("peek")
+@click.argument("queue")
+@click.option("--limit", type=click.IntRange(1, 10), default=10, show_default=True)
+@broker_option
+def dlq_peek(queue: str, limit: int, broker: str | None) -> None:
+    """Show why dead letters of QUEUE are there (they stay in the queue)."""
+    settings = settings_from(broker)
+    the_broker = from_url(settings.broker_url)
+    batch = the_broker.receive(settings.dead_letter_queue(queue), limit, wait_seconds=0)
+    for message in batch:
+        attributes = message.attributes
+        click.echo(
+            f"{message.message_id}  task={attributes.get('ebsqs-task', '?')}  "
+            f"reason={attributes.get('ebsqs-reason', '?')}  "
+            f"error={attributes.get('ebsqs-error-type', '')}: {attributes.get('ebsqs-error', '')}"
+        )
+    the_broker.change_visibility(batch, 0)

@@ -1,0 +1,1 @@
+"""An example ebsqs app: tasks in examples.tasks, a demo runner in examples.run."""
