@@ -203,7 +203,7 @@ def _decode_legacy(payload: dict[str, Any], accept_pickle: bool) -> Envelope:
         max_attempts = int(payload.get("maxRetries") or 0)
         return Envelope(
             task=_text(payload, "func"),
-            args=tuple(_check(args, list, "args")),
+            args=tuple(_check(args, (list, tuple), "args")),
             kwargs=_check(kwargs, dict, "kwargs"),
             id=str(payload.get("id") or uuid.uuid4()),
             attempt=int(payload.get("retry") or 0) + 1,

@@ -151,6 +151,7 @@ class Worker:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._receiving = False
+        self._started = 0
         self._keeper_stop = threading.Event()
         self._keeper: threading.Thread | None = None
         self._queues = cycle(options.queues)
@@ -248,8 +249,8 @@ class Worker:
         self._settle(outcomes)
         self._start_pending()
         self.state = WorkerState.BUSY if self._held else WorkerState.IDLE
-        if self._reached_max_tasks():
-            log.info("worker_recycled", tasks=self.counters.done + self.counters.failed)
+        if self._reached_max_tasks() and not self.executor.running():
+            log.info("worker_recycled", tasks=self._started)
             self.stop()
 
     def _wants_messages(self) -> bool:
@@ -259,8 +260,9 @@ class Worker:
         return room > 0 and len(self._pending) < max(self.executor.free_slots(), 1)
 
     def _reached_max_tasks(self) -> bool:
+        """True once as many tasks were started as this process may run (recycling)."""
         limit = self.options.max_tasks
-        return limit is not None and self.counters.done + self.counters.failed >= limit
+        return limit is not None and self._started >= limit
 
     def _receive(self) -> None:
         queue = next(self._queues)
@@ -325,7 +327,10 @@ class Worker:
 
     def _start_pending(self) -> None:
         while self._pending and self.executor.free_slots() > 0 and not self._stopping.is_set():
+            if self._reached_max_tasks():
+                return
             held = self._pending.popleft()
+            self._started += 1
             assert held.job is not None
             held.started_at = time.time()
             if held.job.time_limit:

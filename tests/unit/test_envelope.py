@@ -1,0 +1,93 @@
+"""The wire format: round trips, refusals, legacy bodies, signing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from ebsqs.envelope import Envelope, decode, encode
+from ebsqs.errors import EnvelopeError, SerializationError
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "django-eb-sqs-1.44-bodies.json"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "django-eb-sqs-1.44-bodies.json"
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def legacy_bodies() -> list[dict[str, str]]:
+    path = FIXTURES if FIXTURES.exists() else SHARED
+    return list(json.loads(path.read_text()))
+
+
+def test_round_trip_keeps_every_field() -> None:
+    sent = Envelope(task="m.f", args=(1, "a"), kwargs={"k": [1, {"x": None}]}, max_retries=3,
+                    attempt=2, due=1234.5, trace={"traceparent": "00-ab"})
+    got = decode(encode(sent))
+    assert got == sent
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ("{", "not JSON"),
+        ("[1]", "not an object"),
+        ('{"v": 1}', "'task'"),
+        ('{"v": 9, "task": "t", "id": "i"}', "version"),
+        ('{"v": 1, "task": "t", "id": "i", "args": "x"}', "'args'"),
+        ('{"v": 1, "task": "t", "id": "i", "attempt": true}', "'attempt'"),
+        ('{"func": "", "args": []}', "'func'"),
+    ],
+)
+def test_malformed_bodies_are_envelope_errors(body: str, fragment: str) -> None:
+    with pytest.raises(EnvelopeError, match=fragment):
+        decode(body)
+
+
+def test_unserialisable_argument_is_named() -> None:
+    with pytest.raises(SerializationError, match="argument 'when'.*datetime"):
+        encode(Envelope(task="t", kwargs={"when": dt.datetime.now()}))
+    with pytest.raises(SerializationError, match="positional argument 1"):
+        encode(Envelope(task="t", args=(1, {1, 2})))
+
+
+def test_nan_is_refused_because_it_is_not_json() -> None:
+    with pytest.raises(SerializationError, match="positional argument 0"):
+        encode(Envelope(task="t", args=(float("nan"),)))
+
+
+def test_signed_bodies_verify_and_tampering_is_refused() -> None:
+    body = encode(Envelope(task="t", args=(1,)), signing_key="k1")
+    assert decode(body, signing_key="k1").args == (1,)
+    tampered = body.replace('"args":[1]', '"args":[2]')
+    with pytest.raises(EnvelopeError, match="signature"):
+        decode(tampered, signing_key="k1")
+    with pytest.raises(EnvelopeError, match="not signed"):
+        decode(encode(Envelope(task="t")), signing_key="k1")
+
+
+def test_django_eb_sqs_bodies_decode_with_attempt_semantics() -> None:
+    bodies = {case["case"]: case["body"] for case in legacy_bodies()}
+    first = decode(bodies["kwargs, decorator queue and max_retries"])
+    assert (first.task, first.attempt, first.max_retries, first.legacy) == (
+        "shop_tasks.process_message", 1, 2, True)
+    assert first.kwargs["tenant_id"] == 7
+    # maxRetries=3 counted attempts: the retry body (retry=1) is attempt 2 of 3.
+    retry = decode(bodies["retry of the first case (as Worker.retry writes it)"])
+    assert (retry.attempt, retry.retries_left) == (2, 1)
+    assert decode(bodies["positional args, default queue"]).args == (42,)
+
+
+def test_pickled_legacy_body_is_refused_by_default_and_read_when_allowed() -> None:
+    body = next(c["body"] for c in legacy_bodies() if "pickle" in c["case"])
+    with pytest.raises(EnvelopeError, match="pickle"):
+        decode(body)
+    assert decode(body, accept_pickle=True).args == ({"a": {1, 2}},)
+
+
+def test_legacy_producer_writes_what_django_eb_sqs_reads() -> None:
+    body = json.loads(encode(Envelope(task="m.f", args=(1,), max_retries=2), legacy=True))
+    assert body["func"] == "m.f" and body["maxRetries"] == 3 and body["retry"] == 0
+    assert decode(json.dumps(body)).max_retries == 2

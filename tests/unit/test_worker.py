@@ -1,0 +1,221 @@
+"""The worker loop, stepped by hand with loop_once() on the memory broker."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from structlog.testing import capture_logs
+
+from ebsqs import task
+from ebsqs.brokers import OutgoingMessage
+from ebsqs.brokers.memory import MemoryBroker
+from ebsqs.config import Settings
+from ebsqs.envelope import Envelope, encode
+from ebsqs.executors.inline import InlineExecutor
+from ebsqs.registry import TaskRegistry
+from ebsqs.worker import Worker, WorkerOptions, WorkerState
+
+pytestmark = pytest.mark.timeout(10)
+
+runs: list[tuple[str, object]] = []
+
+
+@pytest.fixture
+def reg() -> TaskRegistry:
+    return TaskRegistry()
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    b = MemoryBroker()
+    return b
+
+
+@pytest.fixture(autouse=True)
+def clear_runs() -> Iterator[None]:
+    runs.clear()
+    yield
+
+
+def make_worker(broker: MemoryBroker, reg: TaskRegistry, **options: object) -> Worker:
+    settings = Settings(broker_url="memory://unused", backoff_base=0, auto_create_queues=True)
+    worker = Worker(
+        broker,
+        settings,
+        InlineExecutor(registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=0, **options),  # type: ignore[arg-type]
+        registry=reg,
+    )
+    worker.start()
+    return worker
+
+
+def put(broker: MemoryBroker, *bodies: str) -> None:
+    broker.ensure_queue("q", __import__("ebsqs.brokers", fromlist=["QueueSettings"]).QueueSettings(
+        dead_letter_queue="q-dlq"))
+    for body in bodies:
+        broker.send("q", OutgoingMessage(body))
+
+
+def body(name: str, *args: object, max_retries: int = 0, **kwargs: object) -> str:
+    return encode(Envelope(task=name, args=args, kwargs=kwargs, max_retries=max_retries))
+
+
+def steps(worker: Worker, n: int = 5) -> None:
+    for _ in range(n):
+        worker.loop_once()
+
+
+def dead_letters(broker: MemoryBroker) -> list[dict[str, str]]:
+    return [dict(m.attributes) for m in broker.receive("q-dlq", 10, 0)]
+
+
+def test_success_is_acked(broker: MemoryBroker, reg: TaskRegistry) -> None:
+    task(name="ok", registry=reg)(lambda x: runs.append(("ok", x)))
+    put(broker, *(body("ok", i) for i in range(15)))
+    worker = make_worker(broker, reg)
+    steps(worker)
+    assert sorted(x for _, x in runs) == list(range(15))  # type: ignore[type-var]
+    assert broker.stats("q") == broker.stats("q").__class__("q", 0, 0, 0)
+    assert worker.counters.done == 15 and worker.state is WorkerState.IDLE
+
+
+def test_failure_with_retries_runs_max_retries_plus_one_then_dead_letters(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    @task(name="boom", registry=reg, retry_on=(ValueError,))
+    def boom() -> None:
+        runs.append(("boom", None))
+        raise ValueError("it broke")
+
+    put(broker, body("boom", max_retries=2))
+    worker = make_worker(broker, reg)
+    steps(worker, 8)
+    assert len(runs) == 3
+    [letter] = dead_letters(broker)
+    assert letter["ebsqs-error-type"] == "builtins.ValueError"
+    assert letter["ebsqs-error"] == "it broke" and letter["ebsqs-attempts"] == "3"
+    assert broker.stats("q").visible == broker.stats("q").in_flight == 0
+
+
+def test_an_exception_not_in_retry_on_dead_letters_at_once(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    @task(name="typo", registry=reg, retry_on=(ValueError,))
+    def typo() -> None:
+        runs.append(("typo", None))
+        raise KeyError("nope")
+
+    put(broker, body("typo", max_retries=5))
+    steps(make_worker(broker, reg))
+    assert len(runs) == 1 and dead_letters(broker)[0]["ebsqs-reason"] == "failed"
+
+
+def test_retry_call_schedules_the_next_attempt(broker: MemoryBroker, reg: TaskRegistry) -> None:
+    @task(name="again", registry=reg)
+    def again() -> None:
+        from ebsqs import current
+
+        runs.append(("again", current().attempt))
+        if current().attempt < 2:
+            again.retry(delay=0)
+
+    put(broker, body("again", max_retries=3))
+    steps(make_worker(broker, reg))
+    assert runs == [("again", 1), ("again", 2)]
+    assert dead_letters(broker) == [] and broker.stats("q").visible == 0
+
+
+def test_bodies_that_must_not_run_are_dead_lettered_unrun(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    legacy = json.dumps({"func": "subprocess.getoutput", "args": ["touch /tmp/x"], "kwargs": {},
+                         "maxRetries": 0, "retry": 0, "pickle": False})
+    sys.modules.pop("this", None)
+    put(broker, "{not json", body("not.registered"), legacy, body("this"))
+    with capture_logs() as logs:
+        steps(make_worker(broker, reg))
+    reasons = sorted(letter["ebsqs-error-type"] for letter in dead_letters(broker))
+    assert reasons == ["EnvelopeError", "UnknownTaskError", "UnknownTaskError", "UnknownTaskError"]
+    assert "this" not in sys.modules  # a task name is never imported
+    assert sum(e["event"] == "message_rejected" for e in logs) == 4
+
+
+def test_long_delays_hop_without_running(broker: MemoryBroker, reg: TaskRegistry) -> None:
+    task(name="later", registry=reg)(lambda: runs.append(("later", None)))
+    due = time.time() + 86400
+    put(broker, encode(Envelope(task="later", due=due)))
+    steps(make_worker(broker, reg), 2)
+    assert runs == []
+    [stored] = broker._queues["q"].messages.values()
+    assert stored.receive_count == 0  # a fresh message: hops never count as failed receives
+    assert 890 < stored.visible_at - time.time() <= 900
+
+
+def test_prefetch_holds_at_most_concurrency_plus_one_batch(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    held: list[int] = []
+    worker_ref: list[Worker] = []
+
+    @task(name="peek", registry=reg)
+    def peek() -> None:
+        held.append(broker.stats("q").in_flight)
+        if len(held) == 3:
+            worker_ref[0].stop()
+
+    put(broker, *(body("peek") for _ in range(40)))
+    worker = make_worker(broker, reg)
+    worker_ref.append(worker)
+    worker.run()
+    assert max(held) <= 1 + 10
+    # The stop released every fetched-but-unstarted message at once.
+    assert broker.stats("q").visible == 40 - 3 and broker.stats("q").in_flight == 0
+
+
+def test_keeper_extends_visibility_of_held_messages(broker: MemoryBroker, reg: TaskRegistry) -> None:
+    task(name="noop", registry=reg)(lambda: None)
+    put(broker, body("noop"))
+    worker = make_worker(broker, reg, visibility_timeout=30)
+    worker._receive()
+    [held] = worker._held.values()
+    held.visible_until = time.time() + 1  # about to expire
+    worker._extend_visibility()
+    [stored] = broker._queues["q"].messages.values()
+    assert stored.visible_at - time.time() > 25
+    assert worker.counters.extended == 1
+
+
+def test_extension_stops_at_the_hard_limit(broker: MemoryBroker, reg: TaskRegistry) -> None:
+    task(name="noop", registry=reg)(lambda: None)
+    put(broker, body("noop"))
+    worker = make_worker(broker, reg, visibility_timeout=30)
+    worker._receive()
+    [held] = worker._held.values()
+    held.visible_until = time.time()
+    held.deadline = time.time() - 10  # the hard limit passed long ago
+    worker._extend_visibility()
+    assert worker.counters.extended == 0
+
+
+def test_max_tasks_stops_the_loop(broker: MemoryBroker, reg: TaskRegistry) -> None:
+    task(name="ok", registry=reg)(lambda: None)
+    put(broker, *(body("ok") for _ in range(30)))
+    worker = make_worker(broker, reg, max_tasks=5)
+    worker.run()
+    assert worker.counters.done == 5
+    assert broker.stats("q").visible == 25
+
+
+def test_task_arguments_are_not_logged_by_default(broker: MemoryBroker, reg: TaskRegistry) -> None:
+    task(name="secret", registry=reg)(lambda password: None)
+    put(broker, body("secret", password="hunter2"))
+    with capture_logs() as logs:
+        steps(make_worker(broker, reg), 2)
+    [line] = [e for e in logs if e["event"] == "task_succeeded"]
+    assert {"task", "task_id", "message_id", "queue", "attempt", "duration"} <= line.keys()
+    assert "hunter2" not in repr(logs)
