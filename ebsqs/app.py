@@ -26,7 +26,7 @@ def load_app(modules: Sequence[str]) -> None:
     for name in modules:
         try:
             importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - any import failure is a boot failure
+        except Exception as exc:
             raise AppImportError(
                 f"cannot import task module {name!r}: {type(exc).__name__}: {exc}"
             ) from exc

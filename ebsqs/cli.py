@@ -119,7 +119,9 @@ def worker_options(fn: F) -> F:
     return fn
 
 
-@click.group(context_settings={"auto_envvar_prefix": "EBSQS", "help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"auto_envvar_prefix": "EBSQS", "help_option_names": ["-h", "--help"]}
+)
 @click.version_option(package_name="ebsqs")
 def main() -> None:
     """ebsqs: a supervised task queue on Amazon SQS (and an embedded SQLite broker)."""
@@ -273,7 +275,9 @@ def queues_create(names: tuple[str, ...], broker: str | None) -> None:
     the_broker = from_url(settings.broker_url)
     for name in names:
         ensure_queue(the_broker, settings, settings.physical_queue(name))
-        click.echo(f"{settings.physical_queue(name)} (dead letters: {settings.dead_letter_queue(name)})")
+        click.echo(
+            f"{settings.physical_queue(name)} (dead letters: {settings.dead_letter_queue(name)})"
+        )
 
 
 @queues.command("list")
@@ -297,8 +301,16 @@ def queues_stats(names: tuple[str, ...], as_json: bool, broker: str | None) -> N
     rows = [the_broker.stats(settings.physical_queue(name)) for name in names]
     if as_json:
         for row in rows:
-            click.echo(json.dumps({"queue": row.queue, "visible": row.visible,
-                                   "in_flight": row.in_flight, "delayed": row.delayed}))
+            click.echo(
+                json.dumps(
+                    {
+                        "queue": row.queue,
+                        "visible": row.visible,
+                        "in_flight": row.in_flight,
+                        "delayed": row.delayed,
+                    }
+                )
+            )
         return
     width = max(len("queue"), *(len(row.queue) for row in rows))
     click.echo(f"{'queue':<{width}}  {'visible':>8}  {'in flight':>9}  {'delayed':>8}")
@@ -332,9 +344,9 @@ def dlq() -> None:
 def dlq_redrive(queue: str, limit: int | None, broker: str | None) -> None:
     """Move dead letters of QUEUE back to QUEUE, unchanged (each runs once more)."""
     settings = settings_from(broker)
-    the_broker = from_url(settings.broker_url)
-    moved = redrive(the_broker, settings.dead_letter_queue(queue), settings.physical_queue(queue), limit)
-    click.echo(f"moved {moved} message(s) from {settings.dead_letter_queue(queue)} to {settings.physical_queue(queue)}")
+    source, target = settings.dead_letter_queue(queue), settings.physical_queue(queue)
+    moved = redrive(from_url(settings.broker_url), source, target, limit)
+    click.echo(f"moved {moved} message(s) from {source} to {target}")
 
 
 def redrive(broker: Broker, source: str, target: str, limit: int | None) -> int:

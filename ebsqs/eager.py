@@ -14,7 +14,7 @@ from ebsqs.execution import Job, OutcomeKind, run_job
 from ebsqs.registry import registry
 
 
-class EagerTaskFailed(Exception):  # noqa: N818 - names what happened
+class EagerTaskFailed(Exception):
     """A task run eagerly failed; the original exception is ``__cause__`` when available."""
 
 

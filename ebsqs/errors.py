@@ -63,7 +63,9 @@ class PartialBatchError(BrokerError):
 
     def __init__(self, operation: str, failed: dict[int, str], succeeded: dict[int, str]) -> None:
         reasons = "; ".join(f"#{i}: {why}" for i, why in sorted(failed.items())[:5])
-        super().__init__(f"{operation}: {len(failed)} of {len(failed) + len(succeeded)} failed ({reasons})")
+        super().__init__(
+            f"{operation}: {len(failed)} of {len(failed) + len(succeeded)} failed ({reasons})"
+        )
         self.failed = failed
         self.succeeded = succeeded
 
@@ -76,7 +78,7 @@ class MaxRetriesReachedException(EbsqsError):
         self.retries = retries
 
 
-class Retry(Exception):  # noqa: N818 - control flow, named for what it asks for
+class Retry(Exception):
     """Control flow raised by ``Task.retry()``: end this attempt and schedule the next.
 
     Deliberately not an :class:`EbsqsError`, so ``except EbsqsError`` in user code does not

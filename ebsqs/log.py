@@ -12,9 +12,7 @@ LogFormat = Literal["auto", "console", "json"]
 LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
-def configure(
-    log_format: LogFormat = "auto", level: str = "info", **bound: Any
-) -> None:
+def configure(log_format: LogFormat = "auto", level: str = "info", **bound: Any) -> None:
     """Configure structlog for this process.
 
     Args:

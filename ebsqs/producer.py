@@ -45,7 +45,9 @@ def send_calls(task: Task[Any, Any], calls: Sequence[Call], options: SendOptions
         from ebsqs.eager import run_eagerly
 
         return [run_eagerly(envelope, settings) for envelope in envelopes]
-    queue = settings.physical_queue(_first(options.queue_name, task.queue_name, settings.default_queue))
+    queue = settings.physical_queue(
+        _first(options.queue_name, task.queue_name, settings.default_queue)
+    )
     broker = broker_for(settings.broker_url)
     messages = [
         outgoing(envelope, due, settings, broker.max_body_bytes, options) for envelope in envelopes

@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 import structlog
 
 from ebsqs.backoff import Backoff
-from ebsqs.brokers import MAX_BATCH, MAX_VISIBILITY_SECONDS, Broker, OutgoingMessage, ReceivedMessage
+from ebsqs.brokers import (
+    MAX_BATCH,
+    MAX_VISIBILITY_SECONDS,
+    Broker,
+    OutgoingMessage,
+    ReceivedMessage,
+)
 from ebsqs.config import Settings
 from ebsqs.envelope import Envelope
 from ebsqs.errors import EbsqsError, EnvelopeError
@@ -73,8 +79,13 @@ class Settler:
             return self._retry(held, envelope, outcome, fields)
         self.counters.failed += 1
         reason = "retries exhausted" if wants_retry else "failed"
-        log.error(f"task_{outcome.kind.value if outcome.kind is OutcomeKind.TIMED_OUT else 'failed'}",
-                  reason=reason, error_type=outcome.error_type, error=outcome.error, **fields)
+        log.error(
+            f"task_{outcome.kind.value if outcome.kind is OutcomeKind.TIMED_OUT else 'failed'}",
+            reason=reason,
+            error_type=outcome.error_type,
+            error=outcome.error,
+            **fields,
+        )
         return self.dead_letter(
             held.message,
             reason,
@@ -132,7 +143,9 @@ class Settler:
             error_type=type(exc).__name__,
             reason=str(exc),
         )
-        if self.dead_letter(held.message, "rejected", {ERROR_TYPE: type(exc).__name__, ERROR: str(exc)}):
+        if self.dead_letter(
+            held.message, "rejected", {ERROR_TYPE: type(exc).__name__, ERROR: str(exc)}
+        ):
             self.ack([held.message])
 
     def dead_letter(
@@ -144,13 +157,23 @@ class Settler:
         attributes = {key: value[:1000] for key, value in attributes.items() if value}
         try:
             send_messages(
-                self.broker, self.settings, queue, [OutgoingMessage(message.body, attributes=attributes)]
+                self.broker,
+                self.settings,
+                queue,
+                [OutgoingMessage(message.body, attributes=attributes)],
             )
         except EbsqsError as exc:
-            log.error("dead_letter_failed", queue=queue, message_id=message.message_id, error=str(exc))
+            log.error(
+                "dead_letter_failed", queue=queue, message_id=message.message_id, error=str(exc)
+            )
             return False  # keep the original: the broker's redrive policy is the backstop
         self.counters.dead_lettered += 1
-        log.warning("message_dead_lettered", dead_letter_queue=queue, message_id=message.message_id, reason=reason)
+        log.warning(
+            "message_dead_lettered",
+            dead_letter_queue=queue,
+            message_id=message.message_id,
+            reason=reason,
+        )
         return True
 
     def ack(self, messages: Sequence[ReceivedMessage]) -> None:
@@ -194,8 +217,11 @@ class Settler:
                     failed = {h.message.message_id: str(exc) for h in batch}
                 for item in batch:
                     if item.message.message_id in failed:
-                        log.warning("visibility_extension_failed", message_id=item.message.message_id,
-                                    reason=failed[item.message.message_id])
+                        log.warning(
+                            "visibility_extension_failed",
+                            message_id=item.message.message_id,
+                            reason=failed[item.message.message_id],
+                        )
                     else:
                         item.visible_until = now + extension
                         self.counters.extended += 1

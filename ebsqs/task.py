@@ -86,7 +86,7 @@ class Task(Generic[P, R]):
         self.soft_time_limit = soft_time_limit
         self.default_delay = delay
         self.options = options or SendOptions()
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function here and now, like a plain call."""

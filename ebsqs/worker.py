@@ -40,11 +40,11 @@ log = structlog.get_logger(__name__)
 KEEPER_INTERVAL = 1.0
 
 
-class FastStop(BaseException):  # noqa: N818 - a signal, not an error
+class FastStop(BaseException):
     """Raised in the loop's thread by a second stop signal: abandon work and exit now."""
 
 
-class _ReceiveInterrupted(Exception):  # noqa: N818
+class _ReceiveInterrupted(Exception):
     """Raised by a stop signal that arrives during a long poll, so the worker need not wait."""
 
 
@@ -381,7 +381,9 @@ class Worker:
         """A snapshot of the loop, safe to take from any thread."""
         with self._lock:
             running = tuple(
-                RunningTask(h.job.envelope.task, h.job.envelope.id, h.queue, h.started_at, h.deadline)
+                RunningTask(
+                    h.job.envelope.task, h.job.envelope.id, h.queue, h.started_at, h.deadline
+                )
                 for h in self._held.values()
                 if h.job is not None and h.started_at is not None
             )

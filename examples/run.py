@@ -31,9 +31,22 @@ def main() -> int:
     )
     build_report.delay_many((i,) for i in range(100))
     print("enqueued 300 emails and 100 reports on", BROKER, flush=True)
-    command = [sys.executable, "-m", "ebsqs", "supervise", "--app", "examples.tasks",
-               "--queues", ",".join(QUEUES), "--workers", "2", "--log-format", "console",
-               "--log-level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "ebsqs",
+        "supervise",
+        "--app",
+        "examples.tasks",
+        "--queues",
+        ",".join(QUEUES),
+        "--workers",
+        "2",
+        "--log-format",
+        "console",
+        "--log-level",
+        "warning",
+    ]
     print("$", " ".join(["ebsqs", *command[3:]]), flush=True)
     supervisor = subprocess.Popen(command)
     try:
@@ -52,9 +65,14 @@ def watch(supervisor: subprocess.Popen[bytes]) -> bool:
     while time.monotonic() < deadline and supervisor.poll() is None:
         stats = [broker.stats(queue) for queue in QUEUES]
         dead = broker.stats("reports-dlq").visible
-        print("  ".join(f"{s.queue}: {s.visible} waiting, {s.in_flight} running, "
-                        f"{s.delayed} delayed" for s in stats) + f"  dead letters: {dead}",
-              flush=True)
+        print(
+            "  ".join(
+                f"{s.queue}: {s.visible} waiting, {s.in_flight} running, {s.delayed} delayed"
+                for s in stats
+            )
+            + f"  dead letters: {dead}",
+            flush=True,
+        )
         if all(s.visible + s.in_flight + s.delayed == 0 for s in stats):
             print("all messages processed", flush=True)
             return True

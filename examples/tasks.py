@@ -18,7 +18,9 @@ def send_email(tenant_id: int, email_id: str, headers: list[dict[str, str]] | No
     time.sleep(0.005)
 
 
-@task(queue_name="reports", max_retries=2, retry_on=(FlakyUpstream,), backoff=Backoff(base=0.5, cap=5))
+@task(
+    queue_name="reports", max_retries=2, retry_on=(FlakyUpstream,), backoff=Backoff(base=0.5, cap=5)
+)
 def build_report(report_id: int) -> None:
     """Fails now and then; retried with backoff by the worker."""
     if random.random() < 0.2 and current().attempt == 1:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -49,7 +49,12 @@ class MemoryBroker:
     # Tests replace them with `MemoryBroker.reset()`.
     _named: ClassVar[dict[str, MemoryBroker]] = {}
 
-    def __init__(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, clock=time.time) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.max_body_bytes = max_body_bytes
         self._clock = clock
         self._queues: dict[str, _Queue] = {}
@@ -141,11 +146,13 @@ class MemoryBroker:
     ) -> list[ReceivedMessage]:
         q = self._queue(queue)
         now = self._clock()
-        timeout = q.settings.visibility_timeout if visibility_timeout is None else visibility_timeout
+        timeout = (
+            q.settings.visibility_timeout if visibility_timeout is None else visibility_timeout
+        )
         ready = sorted(
             (m for m in q.messages.values() if m.visible_at <= now), key=lambda m: m.visible_at
         )
-        taken = []
+        taken: list[ReceivedMessage] = []
         for stored in ready:
             if len(taken) == max_messages:
                 break

@@ -12,7 +12,9 @@ from ebsqs.envelope import Envelope, decode, encode
 from ebsqs.errors import EnvelopeError, SerializationError
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "django-eb-sqs-1.44-bodies.json"
-SHARED = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "django-eb-sqs-1.44-bodies.json"
+SHARED = (
+    Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "django-eb-sqs-1.44-bodies.json"
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -23,8 +25,15 @@ def legacy_bodies() -> list[dict[str, str]]:
 
 
 def test_round_trip_keeps_every_field() -> None:
-    sent = Envelope(task="m.f", args=(1, "a"), kwargs={"k": [1, {"x": None}]}, max_retries=3,
-                    attempt=2, due=1234.5, trace={"traceparent": "00-ab"})
+    sent = Envelope(
+        task="m.f",
+        args=(1, "a"),
+        kwargs={"k": [1, {"x": None}]},
+        max_retries=3,
+        attempt=2,
+        due=1234.5,
+        trace={"traceparent": "00-ab"},
+    )
     got = decode(encode(sent))
     assert got == sent
 
@@ -47,7 +56,7 @@ def test_malformed_bodies_are_envelope_errors(body: str, fragment: str) -> None:
 
 
 def test_unserialisable_argument_is_named() -> None:
-    with pytest.raises(SerializationError, match="argument 'when'.*datetime"):
+    with pytest.raises(SerializationError, match=r"argument 'when'.*datetime"):
         encode(Envelope(task="t", kwargs={"when": dt.datetime.now()}))
     with pytest.raises(SerializationError, match="positional argument 1"):
         encode(Envelope(task="t", args=(1, {1, 2})))
@@ -72,7 +81,11 @@ def test_django_eb_sqs_bodies_decode_with_attempt_semantics() -> None:
     bodies = {case["case"]: case["body"] for case in legacy_bodies()}
     first = decode(bodies["kwargs, decorator queue and max_retries"])
     assert (first.task, first.attempt, first.max_retries, first.legacy) == (
-        "shop_tasks.process_message", 1, 2, True)
+        "shop_tasks.process_message",
+        1,
+        2,
+        True,
+    )
     assert first.kwargs["tenant_id"] == 7
     # maxRetries=3 counted attempts: the retry body (retry=1) is attempt 2 of 3.
     retry = decode(bodies["retry of the first case (as Worker.retry writes it)"])

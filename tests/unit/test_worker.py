@@ -55,8 +55,12 @@ def make_worker(broker: MemoryBroker, reg: TaskRegistry, **options: object) -> W
 
 
 def put(broker: MemoryBroker, *bodies: str) -> None:
-    broker.ensure_queue("q", __import__("ebsqs.brokers", fromlist=["QueueSettings"]).QueueSettings(
-        dead_letter_queue="q-dlq"))
+    broker.ensure_queue(
+        "q",
+        __import__("ebsqs.brokers", fromlist=["QueueSettings"]).QueueSettings(
+            dead_letter_queue="q-dlq"
+        ),
+    )
     for body in bodies:
         broker.send("q", OutgoingMessage(body))
 
@@ -133,8 +137,16 @@ def test_retry_call_schedules_the_next_attempt(broker: MemoryBroker, reg: TaskRe
 def test_bodies_that_must_not_run_are_dead_lettered_unrun(
     broker: MemoryBroker, reg: TaskRegistry
 ) -> None:
-    legacy = json.dumps({"func": "subprocess.getoutput", "args": ["touch /tmp/x"], "kwargs": {},
-                         "maxRetries": 0, "retry": 0, "pickle": False})
+    legacy = json.dumps(
+        {
+            "func": "subprocess.getoutput",
+            "args": ["touch /tmp/x"],
+            "kwargs": {},
+            "maxRetries": 0,
+            "retry": 0,
+            "pickle": False,
+        }
+    )
     sys.modules.pop("this", None)
     put(broker, "{not json", body("not.registered"), legacy, body("this"))
     with capture_logs() as logs:
@@ -177,7 +189,9 @@ def test_prefetch_holds_at_most_concurrency_plus_one_batch(
     assert broker.stats("q").visible == 40 - 3 and broker.stats("q").in_flight == 0
 
 
-def test_keeper_extends_visibility_of_held_messages(broker: MemoryBroker, reg: TaskRegistry) -> None:
+def test_keeper_extends_visibility_of_held_messages(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
     task(name="noop", registry=reg)(lambda: None)
     put(broker, body("noop"))
     worker = make_worker(broker, reg, visibility_timeout=30)
