@@ -125,6 +125,7 @@ def worker_options(fn: F) -> F:
 @click.version_option(package_name="ebsqs")
 def main() -> None:
     """ebsqs: a supervised task queue on Amazon SQS (and an embedded SQLite broker)."""
+    log.configure("auto", "warning")  # stdout is for results; `worker` reconfigures its own
 
 
 def run_cli() -> None:
