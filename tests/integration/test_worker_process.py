@@ -10,79 +10,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from ebsqs import MessageTooLargeError, SerializationError, producer
-from ebsqs.brokers import Broker, OutgoingMessage, ReceivedMessage, from_url
-from ebsqs.config import Settings, load_settings
+from ebsqs import MessageTooLargeError, SerializationError
+from ebsqs.brokers import OutgoingMessage
 from ebsqs.envelope import Envelope, decode, encode
 from ebsqs.settle import ATTEMPTS, ERROR, ERROR_TYPE, REASON, SOURCE, TASK
-from tests import servers
 from tests.fixtures import worker_tasks
-from tests.integration.processes import APP, WorkerProcess, sqlite_env, sqs_env
+from tests.integration.processes import Backend, open_backend
 from tests.waiting import wait_until
-
-
-@dataclass
-class Backend:
-    """A broker both this process (producer, checks) and worker subprocesses use."""
-
-    name: str
-    env: dict[str, str]
-    broker: Broker
-    settings: Settings
-    tmp_path: Path
-
-    @property
-    def record_file(self) -> Path:
-        return self.tmp_path / "record.txt"
-
-    def executions(self) -> list[str]:
-        """Lines the tasks recorded, one per execution."""
-        if not self.record_file.exists():
-            return []
-        return self.record_file.read_text().splitlines()
-
-    def create(self, queue: str) -> None:
-        """Create the queue and its dead-letter queue, as ``ebsqs queues create`` does."""
-        producer.ensure_queue(self.broker, self.settings, self.settings.physical_queue(queue))
-
-    def dead_letter_queue(self, queue: str) -> str:
-        return self.settings.dead_letter_queue(queue)
-
-    def counts(self, queue: str) -> tuple[int, int, int]:
-        """(visible, in flight, delayed) of a physical queue."""
-        stats = self.broker.stats(queue)
-        return stats.visible, stats.in_flight, stats.delayed
-
-    def worker(self, queue: str, *flags: str, **env: str) -> WorkerProcess:
-        """Start ``ebsqs worker`` on ``queue`` (retries without backoff, 1 s long polls)."""
-        return WorkerProcess(
-            ["--app", APP, "--queues", queue, "--wait", "1", *flags],
-            {
-                **self.env,
-                worker_tasks.RECORD_ENV: str(self.record_file),
-                "EBSQS_BACKOFF_BASE": "0",
-                **env,
-            },
-            self.tmp_path / "worker.log",
-        )
-
-    def dead_letters(self, queue: str) -> list[ReceivedMessage]:
-        """Every message in ``queue``'s dead-letter queue (left in flight for a minute)."""
-        found: list[ReceivedMessage] = []
-        while batch := self.broker.receive(
-            self.dead_letter_queue(queue), 10, wait_seconds=0, visibility_timeout=60
-        ):
-            found += batch
-        return found
 
 
 @pytest.fixture
@@ -90,26 +31,8 @@ def backend(
     request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> Iterator[Backend]:
     """``moto``, ``fauxqs`` or ``sqlite`` (indirect parametrization), for this process too."""
-    kind: str = request.param
-    for name in [k for k in os.environ if k.startswith("EBSQS_")]:
-        monkeypatch.delenv(name)
-    if kind == "sqlite":
-        env = sqlite_env(tmp_path / "broker.db")
-        monkeypatch.setenv("EBSQS_BROKER_URL", env["EBSQS_BROKER_URL"])
-    else:
-        endpoint: str = request.getfixturevalue(f"{kind}_server")
-        servers.apply_sqs_env(monkeypatch, endpoint)
-        env = sqs_env(endpoint)
-    # The producer keeps one broker per URL, and ``sqs://`` names no endpoint: forget the one
-    # a previous test built for another server.
-    producer.broker_for.cache_clear()
-    settings = load_settings()
-    broker = from_url(settings.broker_url)
-    try:
-        yield Backend(kind, env, broker, settings, tmp_path)
-    finally:
-        producer.broker_for.cache_clear()
-        broker.close()
+    with open_backend(request.param, request, monkeypatch, tmp_path) as opened:
+        yield opened
 
 
 # -- 2. exactly once ---------------------------------------------------------------------------
