@@ -10,15 +10,24 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
+import signal
+import threading
 import time
 import traceback
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 from ebsqs import hooks
 from ebsqs.context import TaskContext, activated
 from ebsqs.envelope import Envelope
-from ebsqs.errors import MaxRetriesReachedException, Retry
+from ebsqs.errors import MaxRetriesReachedException, Retry, SoftTimeLimitExceeded
 from ebsqs.registry import TaskRegistry
+
+if TYPE_CHECKING:
+    from ebsqs.task import Task
 
 #: Tracebacks travel in outcomes and dead-letter attributes; keep them bounded.
 MAX_TRACEBACK_CHARS = 4000
@@ -78,11 +87,75 @@ class Outcome:
     retry_delay: float | None = None
 
 
-def run_job(job: Job, registry: TaskRegistry, deadline: float | None = None) -> Outcome:
-    """Run a job here, in this thread, and describe the result. Never raises for task errors."""
+def run_job(
+    job: Job, registry: TaskRegistry, deadline: float | None = None, *, soft_limit: bool = False
+) -> Outcome:
+    """Run a job here, in this thread, and describe the result. Never raises for task errors.
+
+    Args:
+        job: what to run.
+        registry: where its task name is looked up.
+        deadline: epoch seconds of its hard limit, for the task's context.
+        soft_limit: enforce ``job.soft_time_limit`` with ``SIGALRM``. Only the main thread can
+            take signals, so executors that run jobs there (inline, the process executor's
+            subprocesses) pass True; elsewhere the limit is not armed.
+    """
     envelope = job.envelope
     task = registry.get(envelope.task)
-    ctx = TaskContext(
+    started = time.monotonic()
+    hooks.fire("task_started", job)
+    outcome = Outcome(job.key, OutcomeKind.FAILED)
+    try:
+        with (
+            activated(_context(job, deadline)),
+            soft_time_limit(job.soft_time_limit if soft_limit else None),
+        ):
+            result = task.fn(*envelope.args, **envelope.kwargs)
+            if inspect.isawaitable(result):
+                asyncio.run(_awaited(result))
+        outcome = Outcome(job.key, OutcomeKind.SUCCEEDED, time.monotonic() - started)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a task's failure is data here
+        outcome = describe(job.key, task, exc, time.monotonic() - started)
+    finally:
+        hooks.fire("task_finished", job, outcome)
+    return outcome
+
+
+async def run_job_async(job: Job, registry: TaskRegistry, deadline: float | None = None) -> Outcome:
+    """Run a coroutine task in the running event loop and describe the result.
+
+    The asyncio executor's counterpart of :func:`run_job`. The soft limit is a cancellation: the
+    task sees ``CancelledError`` at the ``await`` it is blocked in (it may clean up, or swallow
+    it and finish), and an attempt that ends cancelled is described as
+    :class:`~ebsqs.errors.SoftTimeLimitExceeded`. Never raises for task errors; a cancellation
+    from outside (the executor stopping the job) propagates.
+    """
+    envelope = job.envelope
+    task = registry.get(envelope.task)
+    started = time.monotonic()
+    hooks.fire("task_started", job)
+    outcome = Outcome(job.key, OutcomeKind.FAILED)
+    limit = asyncio.timeout(job.soft_time_limit or None)
+    try:
+        with activated(_context(job, deadline)):
+            async with limit:
+                result = task.fn(*envelope.args, **envelope.kwargs)
+                if inspect.isawaitable(result):
+                    await result
+        outcome = Outcome(job.key, OutcomeKind.SUCCEEDED, time.monotonic() - started)
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a task's failure is data here
+        if isinstance(exc, TimeoutError) and limit.expired():
+            soft = SoftTimeLimitExceeded(f"soft time limit of {job.soft_time_limit:g} s exceeded")
+            exc = soft.with_traceback(exc.__traceback__)
+        outcome = describe(job.key, task, exc, time.monotonic() - started)
+    finally:
+        hooks.fire("task_finished", job, outcome)
+    return outcome
+
+
+def _context(job: Job, deadline: float | None) -> TaskContext:
+    envelope = job.envelope
+    return TaskContext(
         task_name=envelope.task,
         task_id=envelope.id,
         message_id=job.key,
@@ -91,35 +164,23 @@ def run_job(job: Job, registry: TaskRegistry, deadline: float | None = None) -> 
         max_retries=envelope.max_retries,
         deadline=deadline,
     )
-    started = time.monotonic()
-    hooks.fire("task_started", job)
-    outcome = Outcome(job.key, OutcomeKind.FAILED)
-    try:
-        with activated(ctx):
-            result = task.fn(*envelope.args, **envelope.kwargs)
-            if inspect.isawaitable(result):
-                asyncio.run(_awaited(result))
-        outcome = Outcome(job.key, OutcomeKind.SUCCEEDED, time.monotonic() - started)
-    except Retry as retry:
-        outcome = Outcome(
-            job.key,
-            OutcomeKind.RETRY,
-            time.monotonic() - started,
-            error=retry.reason,
-            retry_delay=retry.delay,
-        )
-    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a task's failure is data here
-        retryable = isinstance(exc, task.retry_on) and not isinstance(
-            exc, MaxRetriesReachedException
-        )
-        outcome = failure(job.key, exc, time.monotonic() - started, retryable)
-    finally:
-        hooks.fire("task_finished", job, outcome)
-    return outcome
 
 
 async def _awaited(awaitable: object) -> None:
     await awaitable  # type: ignore[misc]
+
+
+def describe(key: str, task: Task[Any, Any], exc: BaseException, duration: float) -> Outcome:
+    """The outcome of an attempt of ``task`` that raised ``exc``."""
+    if isinstance(exc, Retry):
+        return Outcome(key, OutcomeKind.RETRY, duration, error=exc.reason, retry_delay=exc.delay)
+    retryable = isinstance(exc, task.retry_on) and not isinstance(exc, MaxRetriesReachedException)
+    outcome = failure(key, exc, duration, retryable)
+    if isinstance(exc, SoftTimeLimitExceeded):
+        # Uncaught, the soft limit ends the attempt as the hard one would: the message follows
+        # the retry policy, whichever executor (and so whichever limit) stopped it.
+        return replace(outcome, kind=OutcomeKind.TIMED_OUT)
+    return outcome
 
 
 def failure(key: str, exc: BaseException, duration: float, retryable: bool = False) -> Outcome:
@@ -135,3 +196,48 @@ def failure(key: str, exc: BaseException, duration: float, retryable: bool = Fal
         traceback=text[-MAX_TRACEBACK_CHARS:],
         retryable=retryable,
     )
+
+
+@contextmanager
+def soft_time_limit(seconds: float | None) -> Iterator[bool]:
+    """Raise :class:`~ebsqs.errors.SoftTimeLimitExceeded` in this thread after ``seconds``.
+
+    Uses ``SIGALRM``, so it works in the main thread only (the inline executor, the process
+    executor's subprocesses); anywhere else, or with ``seconds`` None, it arms nothing. An alarm
+    already set by someone else (pytest-timeout, a web server) is respected: if it would ring
+    first, ours is not armed; otherwise it is set again, with its remaining time, afterwards.
+
+    Yields:
+        Whether the limit is armed.
+    """
+    if not seconds or not _can_alarm():
+        yield False
+        return
+    outer_delay, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    if outer_delay and outer_delay <= seconds:
+        yield False
+        return
+    armed = True
+
+    def ring(signum: int, frame: FrameType | None) -> None:
+        # Runs in the main thread between two bytecodes of the task (or of this module, if the
+        # task finished a moment ago: then the attempt still counts as over its limit).
+        if armed:
+            raise SoftTimeLimitExceeded(f"soft time limit of {seconds:g} s exceeded")
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    started = time.monotonic()
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield True
+    finally:
+        armed = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
+        if outer_delay:
+            left = max(outer_delay - (time.monotonic() - started), 0.001)
+            signal.setitimer(signal.ITIMER_REAL, left, outer_interval)
+
+
+def _can_alarm() -> bool:
+    return hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()

@@ -11,8 +11,11 @@ from ebsqs.registry import TaskRegistry, registry
 class InlineExecutor:
     """Concurrency 1; ``submit`` returns when the task has finished.
 
-    A task that overruns its hard limit cannot be stopped from inside: the worker's heartbeat
-    carries the deadline, and the supervisor replaces the whole child.
+    Soft limits are enforced with ``SIGALRM`` when the loop runs in the main thread (as it does
+    in ``ebsqs worker`` and in the supervisor's children): the task gets
+    :class:`~ebsqs.errors.SoftTimeLimitExceeded` and may catch it. A task that overruns its hard
+    limit cannot be stopped from inside: the worker's heartbeat carries the deadline, and the
+    supervisor replaces the whole child.
     """
 
     def __init__(self, concurrency: int = 1, registry: TaskRegistry = registry) -> None:
@@ -25,7 +28,7 @@ class InlineExecutor:
 
     def submit(self, job: Job) -> None:
         deadline = time.time() + job.time_limit if job.time_limit else None
-        self._done.append(run_job(job, self._registry, deadline))
+        self._done.append(run_job(job, self._registry, deadline, soft_limit=True))
 
     def free_slots(self) -> int:
         return 1
