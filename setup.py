@@ -37,6 +37,7 @@ setup(
             "inline = ebsqs.executors.inline:InlineExecutor",
             "thread = ebsqs.executors.thread:ThreadExecutor",
             "process = ebsqs.executors.process:ProcessExecutor",
+            "asyncio = ebsqs.executors.asyncio:AsyncioExecutor",
         ],
     },
     classifiers=[

@@ -1,5 +1,5 @@
-"""Executors, chosen by name: ``inline``, ``thread``, ``process``, or any third-party one
-registered under the entry-point group ``ebsqs.executors``."""
+"""Executors, chosen by name: ``inline``, ``thread``, ``process``, ``asyncio``, or any
+third-party one registered under the entry-point group ``ebsqs.executors``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ BUILTIN = {
     "inline": "ebsqs.executors.inline:InlineExecutor",
     "thread": "ebsqs.executors.thread:ThreadExecutor",
     "process": "ebsqs.executors.process:ProcessExecutor",
+    "asyncio": "ebsqs.executors.asyncio:AsyncioExecutor",
 }
 
 
