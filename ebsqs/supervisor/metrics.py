@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -66,8 +66,8 @@ class ChildGauge:
         slot: its slot number within the queue.
         state: its state (``idle``, ``busy``, ``draining``, ``killing``...).
         heartbeat_age: seconds since its last heartbeat, as of ``at``.
-        in_flight: messages it holds.
-        running: running tasks by task name.
+        in_flight: messages it holds (running or fetched).
+        running: tasks it is running.
         rss: resident memory in bytes.
         at: ``time.monotonic()`` when these values were taken.
     """
@@ -77,7 +77,7 @@ class ChildGauge:
     state: str
     heartbeat_age: float
     in_flight: int = 0
-    running: Mapping[str, int] = field(default_factory=dict)
+    running: int = 0
     rss: int = 0
     at: float = field(default_factory=time.monotonic)
 
@@ -129,10 +129,17 @@ class MetricsRegistry:
                 self._queues.append(queue)
 
     def report(self, key: Hashable, report: ChildReport) -> None:
-        """A live child's latest cumulative counts (replacing its previous report)."""
+        """A live child's latest cumulative counts.
+
+        They replace its previous report, except that tasks the report leaves out keep their
+        previous counts: a heartbeat with many tasks carries only some of them each time.
+        """
         with self._lock:
             if key in self._retired_keys:
                 return  # read from the pipe after the child was reaped: already counted
+            previous = self._live.get(key)
+            if previous is not None and previous.tasks.keys() - report.tasks.keys():
+                report = replace(report, tasks={**previous.tasks, **report.tasks})
             self._live[key] = report
             if report.queue not in self._queues:
                 self._queues.append(report.queue)
@@ -268,13 +275,12 @@ def _queue_counters(totals: Mapping[str, _QueueTotals]) -> list[str]:
 
 def _child_gauges(children: tuple[ChildGauge, ...], queues: list[str], now: float) -> list[str]:
     states: dict[tuple[str, str], int] = {}
-    in_flight: dict[str, int] = dict.fromkeys(queues, 0)
-    running: dict[tuple[str, str], int] = {}
+    held: dict[str, int] = dict.fromkeys(queues, 0)
+    running: dict[str, int] = dict.fromkeys(queues, 0)
     for child in children:
         states[(child.queue, child.state)] = states.get((child.queue, child.state), 0) + 1
-        in_flight[child.queue] = in_flight.get(child.queue, 0) + child.in_flight
-        for task, count in child.running.items():
-            running[(child.queue, task)] = running.get((child.queue, task), 0) + count
+        held[child.queue] = held.get(child.queue, 0) + child.in_flight
+        running[child.queue] = running.get(child.queue, 0) + child.running
     by_slot = sorted(children, key=lambda c: (c.queue, c.slot))
     return [
         *_family(
@@ -287,13 +293,13 @@ def _child_gauges(children: tuple[ChildGauge, ...], queues: list[str], now: floa
             "ebsqs_tasks_in_flight",
             "gauge",
             "Tasks running now.",
-            [({"queue": q, "task": t}, n) for (q, t), n in sorted(running.items())],
+            [({"queue": q}, n) for q, n in sorted(running.items())],
         ),
         *_family(
             "ebsqs_messages_held",
             "gauge",
             "Messages children hold now (running or fetched).",
-            [({"queue": q}, n) for q, n in sorted(in_flight.items())],
+            [({"queue": q}, n) for q, n in sorted(held.items())],
         ),
         *_family(
             "ebsqs_child_heartbeat_age_seconds",
@@ -401,18 +407,29 @@ class MetricsServer:
         host = self._address[0]
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/metrics"
 
-    def start(self) -> None:
-        """Bind and serve (in the master, before the first fork).
+    def bind(self) -> None:
+        """Bind the address (in the master, early: a port in use fails the start).
 
         Raises:
             OSError: the address cannot be bound (in use, not permitted).
         """
         self._server = _Server(self._address, self._render)
+        os.register_at_fork(after_in_child=self._close_in_child)
+
+    def serve(self) -> None:
+        """Answer scrapes from a daemon thread (binding first if :meth:`bind` was not called).
+
+        The thread holds no lock across a fork that a child would need: it waits in
+        ``select`` between scrapes, and a scrape only takes the registry's lock, which children
+        never use.
+        """
+        if self._server is None:
+            self.bind()
+        assert self._server is not None
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="ebsqs-metrics", daemon=True
         )
         self._thread.start()
-        os.register_at_fork(after_in_child=self._close_in_child)
         log.info("metrics_serving", url=self.url)
 
     def _close_in_child(self) -> None:
@@ -425,7 +442,8 @@ class MetricsServer:
         """Stop serving and close the socket (in the master, at exit)."""
         if self._server is None:
             return
-        self._server.shutdown()
+        if self._thread is not None:
+            self._server.shutdown()
         self._server.server_close()
         self._server = None
         if self._thread is not None:

@@ -64,6 +64,16 @@ def test_live_reports_replace_each_other() -> None:
     assert succeeded(scrape(registry), "a", "t") == 8
 
 
+def test_tasks_left_out_of_a_report_keep_their_counts() -> None:
+    registry = MetricsRegistry(["a"])
+    registry.report(1, ChildReport("a", receives=1, tasks={"t": stats(5), "u": stats(1)}))
+    registry.report(1, ChildReport("a", receives=2, tasks={"u": stats(2)}))
+    samples = scrape(registry)
+    assert succeeded(samples, "a", "t") == 5
+    assert succeeded(samples, "a", "u") == 2
+    assert prometheus.value(samples, "ebsqs_receives_total", queue="a") == 2
+
+
 def test_counters_survive_a_child_exit() -> None:
     registry = MetricsRegistry(["a"])
     registry.report(("a", 1, 100), ChildReport("a", receives=4, tasks={"t": stats(10, 1)}))
@@ -141,14 +151,14 @@ def test_gauges_describe_the_live_children() -> None:
     registry = MetricsRegistry(["a"])
     registry.set_children(
         [
-            ChildGauge("a", 1, "busy", 0.5, in_flight=2, running={"t": 1}, rss=1000, at=10.0),
+            ChildGauge("a", 1, "busy", 0.5, in_flight=2, running=1, rss=1000, at=10.0),
             ChildGauge("a", 2, "idle", 0.25, rss=2000, at=10.0),
         ]
     )
     samples = scrape(registry, now=11.0)
     assert prometheus.value(samples, "ebsqs_children", queue="a", state="busy") == 1
     assert prometheus.value(samples, "ebsqs_children", queue="a", state="idle") == 1
-    assert prometheus.value(samples, "ebsqs_tasks_in_flight", queue="a", task="t") == 1
+    assert prometheus.value(samples, "ebsqs_tasks_in_flight", queue="a") == 1
     assert prometheus.value(samples, "ebsqs_messages_held", queue="a") == 2
     age = "ebsqs_child_heartbeat_age_seconds"
     assert prometheus.value(samples, age, queue="a", slot="1") == 1.5
