@@ -8,6 +8,7 @@ executions (``tests/fixtures/exec_tasks.py``), so what is counted is what ran.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -258,3 +259,30 @@ def test_executor_registered_through_an_entry_point_runs_tasks(
     assert sorted(backend.executions()) == [f"plugin-{n}" for n in range(3)]
     assert len(worker.events("recording_executor_started")) == 1
     assert len(worker.events("recording_executor_ran")) == 3
+
+
+# -- drain -------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["moto"], indirect=True)
+def test_sigterm_to_every_process_lets_a_process_task_finish_and_leaves_none_behind(
+    backend: Backend, unique_queue: Callable[..., str]
+) -> None:
+    queue = unique_queue()
+    backend.create(queue)
+    worker_tasks.slow.send_with(queue_name=queue).delay("drained", 2)
+
+    flags = ("--executor", "process", "--concurrency", "2")
+    with start_worker(backend, queue, *flags) as worker:
+        wait_until(lambda: "start drained" in backend.executions(), timeout=20)
+        [started] = worker.events("process_pool_started")
+        # As systemd does (KillMode=control-group): SIGTERM to every process, pool included.
+        for pid in started["pids"]:
+            os.kill(pid, signal.SIGTERM)
+        assert worker.stop() == 0, worker.describe()
+
+    assert backend.executions() == ["start drained", "done drained"]
+    assert backend.counts(queue) == (0, 0, 0)
+    assert len(started["pids"]) == 2
+    wait_until(lambda: not any(alive(pid) for pid in started["pids"]), timeout=5)
