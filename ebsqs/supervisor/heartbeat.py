@@ -1,0 +1,221 @@
+"""The heartbeat pipe: how a child tells the master it is alive and what it is doing.
+
+One pipe per child: the child holds the write end, the master the read end, so the master knows
+who spoke without an id in the message, and a child's death shows up as end-of-file. A frame is a
+4-byte big-endian length followed by a compact JSON array (:class:`Beat`'s fields in order).
+Frames stay under ``PIPE_BUF`` (4096 bytes), so each ``write`` is atomic, and the child writes
+without blocking: if the master is too busy to read, a beat is dropped rather than stalling the
+child's keeper thread (which also extends message visibility).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import struct
+import threading
+from dataclasses import dataclass
+
+from ebsqs.supervisor.snapshot import CurrentTask, TaskCounts
+from ebsqs.worker import RunningTask, WorkerStatus
+
+_HEADER = struct.Struct("!I")
+#: Writes up to this size are atomic on a pipe (POSIX guarantees at least 512; Linux 4096).
+MAX_FRAME = 4096
+_MAX_TEXT = 200
+
+
+class HeartbeatError(ValueError):
+    """A frame that is not a heartbeat (the master logs it and reads on)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Beat:
+    """One heartbeat.
+
+    Attributes:
+        pid: the child's pid.
+        state: the worker's state (``starting``, ``idle``, ``busy``, ``draining``, ``stopped``).
+        in_flight: messages the child holds, running or fetched.
+        running: tasks running now.
+        task: the name of the running task nearest its hard limit (else the oldest), or None.
+        task_id: that task's id.
+        task_age: seconds that task had been running at ``sent_at``.
+        deadline_in: seconds from ``sent_at`` to that task's hard limit (negative once past).
+        done: tasks succeeded since the child started.
+        failed: tasks failed for good.
+        retried: retries scheduled.
+        dead_lettered: messages dead-lettered.
+        rss: the child's resident memory in bytes.
+        sent_at: the child's wall clock when it sent this.
+    """
+
+    pid: int
+    state: str
+    in_flight: int = 0
+    running: int = 0
+    task: str | None = None
+    task_id: str | None = None
+    task_age: float | None = None
+    deadline_in: float | None = None
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    rss: int = 0
+    sent_at: float = 0.0
+
+    @classmethod
+    def from_status(cls, pid: int, status: WorkerStatus, rss: int) -> Beat:
+        """The beat describing a worker's :class:`WorkerStatus`."""
+        current = _current(status.running)
+        deadline = current.deadline if current else None
+        counters = status.counters
+        return cls(
+            pid=pid,
+            state=str(status.state),
+            in_flight=status.held,
+            running=len(status.running),
+            task=current.task[:_MAX_TEXT] if current else None,
+            task_id=current.task_id[:_MAX_TEXT] if current else None,
+            task_age=round(status.at - current.started_at, 3) if current else None,
+            deadline_in=None if deadline is None else round(deadline - status.at, 3),
+            done=counters.done,
+            failed=counters.failed,
+            retried=counters.retried,
+            dead_lettered=counters.dead_lettered,
+            rss=rss,
+            sent_at=status.at,
+        )
+
+    @property
+    def counts(self) -> TaskCounts:
+        """The outcome counters as :class:`TaskCounts`."""
+        return TaskCounts(self.done, self.failed, self.retried, self.dead_lettered)
+
+    def current_task(self, age: float = 0.0) -> CurrentTask | None:
+        """The running task this beat names, if any, as seen ``age`` seconds after the beat."""
+        if self.task is None:
+            return None
+        return CurrentTask(
+            self.task,
+            self.task_id or "",
+            None if self.task_age is None else self.task_age + age,
+            None if self.deadline_in is None else self.deadline_in - age,
+        )
+
+
+def _current(running: tuple[RunningTask, ...]) -> RunningTask | None:
+    """The task to report: the one whose hard limit comes first, else the oldest."""
+    if not running:
+        return None
+    return min(running, key=lambda r: (r.deadline is None, r.deadline or 0.0, r.started_at))
+
+
+def encode(beat: Beat) -> bytes:
+    """One frame: length prefix and JSON array."""
+    payload = json.dumps(dataclasses.astuple(beat), separators=(",", ":")).encode()
+    frame = _HEADER.pack(len(payload)) + payload
+    if len(frame) > MAX_FRAME:
+        raise HeartbeatError(f"heartbeat frame of {len(frame)} bytes exceeds {MAX_FRAME}")
+    return frame
+
+
+def decode(payload: bytes) -> Beat:
+    """The beat in one frame's payload (without the length prefix).
+
+    Raises:
+        HeartbeatError: the payload is not a heartbeat.
+    """
+    try:
+        values = json.loads(payload)
+        return Beat(*values)
+    except (ValueError, TypeError) as exc:
+        raise HeartbeatError(f"malformed heartbeat: {exc}") from None
+
+
+class BeatWriter:
+    """The child's end of its pipe. Thread-safe: the keeper and the main thread both send."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+
+    def prepare(self) -> None:
+        """In the child, after the fork: make writes non-blocking."""
+        os.set_blocking(self.fd, False)
+
+    def send(self, beat: Beat) -> bool:
+        """Write one beat; False when the master is gone (its end of the pipe is closed).
+
+        A full pipe (a master too busy to read) drops the beat and still returns True.
+        """
+        frame = encode(beat)
+        with self._lock:
+            try:
+                os.write(self.fd, frame)
+            except BlockingIOError:
+                return True
+            except OSError:  # EPIPE: the master is gone
+                return False
+        return True
+
+    def close(self) -> None:
+        """Close the write end (the master then sees end-of-file)."""
+        with self._lock, contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class BeatReader:
+    """The master's end of one child's pipe: buffers partial frames, yields whole beats."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.closed = False
+        self.malformed = 0
+        self._buffer = bytearray()
+        os.set_blocking(fd, False)
+
+    def read(self) -> list[Beat]:
+        """Every whole beat readable now; sets :attr:`closed` at end-of-file.
+
+        A malformed frame is skipped and counted in :attr:`malformed`.
+        """
+        while not self.closed:
+            try:
+                chunk = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                self.closed = True
+            self._buffer += chunk
+        return self._frames()
+
+    def _frames(self) -> list[Beat]:
+        beats: list[Beat] = []
+        while len(self._buffer) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self._buffer)
+            if size > MAX_FRAME:
+                # Out of step (cannot happen with atomic writes): drop the buffer and resync.
+                self._buffer.clear()
+                self.malformed += 1
+                break
+            end = _HEADER.size + size
+            if len(self._buffer) < end:
+                break
+            payload = bytes(self._buffer[_HEADER.size : end])
+            del self._buffer[:end]
+            try:
+                beats.append(decode(payload))
+            except HeartbeatError:
+                self.malformed += 1
+        return beats
+
+    def close(self) -> None:
+        """Close the read end."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.closed = True

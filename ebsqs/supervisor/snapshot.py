@@ -1,0 +1,133 @@
+"""The master's view of its children, as frozen snapshots: the read model for ``ebsqs status``,
+health checks, sd_notify and metrics. Nothing here runs on its own; :meth:`Master.snapshot`
+builds these from the master's live table.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TaskCounts:
+    """Task outcomes: one child's since it started, or a sum over children."""
+
+    done: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+
+    def __add__(self, other: TaskCounts) -> TaskCounts:
+        return TaskCounts(
+            self.done + other.done,
+            self.failed + other.failed,
+            self.retried + other.retried,
+            self.dead_lettered + other.dead_lettered,
+        )
+
+    @property
+    def finished(self) -> int:
+        """Tasks that ran to an end (done or failed)."""
+        return self.done + self.failed
+
+
+class Phase(enum.StrEnum):
+    """Where a child is in its life, as the master sees it."""
+
+    BOOTING = "booting"  # forked, not yet consuming
+    RUNNING = "running"  # consuming (idle or busy)
+    RETIRING = "retiring"  # draining: asked by the master, or stopping on its own
+    KILLING = "killing"  # hung or overdue: SIGABRT sent, SIGKILL follows
+
+
+class MasterState(enum.StrEnum):
+    """What the master is doing."""
+
+    STARTING = "starting"
+    RUNNING = "running"
+    RELOADING = "reloading"
+    STOPPING = "stopping"  # graceful drain
+    HALTING = "halting"  # fast stop, or a child could not boot
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentTask:
+    """The task a child reported running (the one nearest its hard limit, else the oldest).
+
+    Attributes:
+        name: the task's registered name.
+        task_id: its id.
+        running_for: seconds since it started.
+        deadline_in: seconds until its hard time limit (negative once past), or None.
+    """
+
+    name: str
+    task_id: str
+    running_for: float | None
+    deadline_in: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class ChildSnapshot:
+    """One child.
+
+    Attributes:
+        queue: the logical queue it consumes.
+        slot: its number within the queue, from 1 (as in ``worker[a] #3``).
+        pid: its process id.
+        phase: see :class:`Phase`.
+        state: what its last heartbeat said (``starting``, ``idle``, ``busy``, ``draining``...).
+        generation: 0 for children of the first import, +1 per reload (HUP).
+        uptime: seconds since it was forked.
+        heartbeat_age: seconds since its last heartbeat (since the fork if none came yet).
+        in_flight: messages it holds (running or fetched).
+        task: what it is running, if anything.
+        counts: its task outcomes so far.
+        rss: resident memory in bytes, from its last heartbeat.
+        restarts: unplanned replacements of its slot so far (crashes, hangs).
+    """
+
+    queue: str
+    slot: int
+    pid: int
+    phase: Phase
+    state: str
+    generation: int
+    uptime: float
+    heartbeat_age: float
+    in_flight: int
+    task: CurrentTask | None
+    counts: TaskCounts
+    rss: int
+    restarts: int
+
+
+@dataclass(frozen=True, slots=True)
+class SupervisorSnapshot:
+    """The whole supervisor at one moment.
+
+    Attributes:
+        pid: the master's pid.
+        state: see :class:`MasterState`.
+        uptime: seconds since the master started.
+        targets: the wanted number of children per queue.
+        children: every child the master tracks, retiring ones included.
+        counts: task outcomes over the master's lifetime: exited children plus live ones.
+        restarts: unplanned replacements (crashes, hangs) over the master's lifetime.
+        recycled: planned replacements (max tasks, max memory, reloads).
+    """
+
+    pid: int
+    state: MasterState
+    uptime: float
+    targets: Mapping[str, int]
+    children: tuple[ChildSnapshot, ...]
+    counts: TaskCounts
+    restarts: int
+    recycled: int
+
+    def running(self, queue: str) -> int:
+        """Children of ``queue`` that are consuming now."""
+        return sum(1 for c in self.children if c.queue == queue and c.phase is Phase.RUNNING)
