@@ -210,6 +210,104 @@ def install_stop_signals(the_worker: Worker) -> None:
 
 
 @main.command()
+@app_option
+@queues_option()
+@broker_option
+@worker_options
+@click.option(
+    "--workers",
+    envvar="EBSQS_WORKERS",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Children per queue, for queues given without a count [env EBSQS_WORKERS; default 2].",
+)
+@click.option(
+    "--graceful-timeout",
+    envvar="EBSQS_GRACEFUL_TIMEOUT",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds draining children may finish running tasks before SIGKILL.",
+)
+@click.option(
+    "--heartbeat-timeout",
+    envvar="EBSQS_HEARTBEAT_TIMEOUT",
+    type=click.FloatRange(min=1),
+    default=30.0,
+    show_default=True,
+    help="Seconds without a heartbeat (or past a task's hard limit) before a child is killed.",
+)
+@click.option(
+    "--max-tasks-per-child",
+    envvar="EBSQS_MAX_TASKS_PER_CHILD",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replace a child after about N tasks (each child's N varies by 10 percent).",
+)
+@click.option(
+    "--max-memory-per-child",
+    envvar="EBSQS_MAX_MEMORY_PER_CHILD",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Replace a child whose resident memory exceeds this many MiB.",
+)
+@click.option(
+    "--pidfile",
+    envvar="EBSQS_PIDFILE",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the master's pid to this file.",
+)
+@log_options
+def supervise(
+    apps: tuple[str, ...],
+    queues: str,
+    broker: str | None,
+    executor: str,
+    concurrency: int,
+    wait: int | None,
+    visibility_timeout: int | None,
+    workers: int | None,
+    graceful_timeout: float,
+    heartbeat_timeout: float,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: int | None,
+    pidfile: str | None,
+    log_format: log.LogFormat,
+    log_level: str,
+) -> None:
+    """Run a master that forks worker children per queue and keeps them running.
+
+    QUEUES is "a,b" (each gets --workers children, 2 by default) or "a:8,b:2". Signals to the
+    master: TERM/INT drain gracefully (a second one stops fast), QUIT stops fast, HUP rolls
+    every child onto fresh code, TTIN/TTOU add/remove one child per queue.
+    """
+    from ebsqs import supervisor  # here: the other commands need not import the supervisor
+
+    log.configure(log_format, log_level, role="master")
+    settings = settings_from(broker, wait_seconds=wait, visibility_timeout=visibility_timeout)
+    try:
+        specs = supervisor.parse_queues(queues, workers or supervisor.DEFAULT_WORKERS)
+    except EbsqsError as exc:
+        raise click.BadParameter(str(exc), param_hint="--queues") from None
+    config = supervisor.SupervisorConfig(
+        apps=tuple(split_list(apps)),
+        queues=specs,
+        settings=settings,
+        executor=executor,
+        concurrency=concurrency,
+        graceful_timeout=graceful_timeout,
+        heartbeat_timeout=heartbeat_timeout,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=max_memory_per_child,
+        pidfile=pidfile,
+        log_format=log_format,
+        log_level=log_level,
+    )
+    sys.exit(supervisor.run(config))
+
+
+@main.command()
 @click.argument("task_name")
 @click.option("--args", "args_json", default="[]", help="Positional arguments as a JSON list.")
 @click.option("--kwargs", "kwargs_json", default="{}", help="Keyword arguments as a JSON object.")
