@@ -1,0 +1,638 @@
+"""``ebsqs supervise`` end to end: real masters and children, real signals, fauxqs.
+
+Each test starts ``ebsqs supervise`` in its own session (so cleanup can kill the whole process
+group), with ``tests/fixtures`` on ``PYTHONPATH`` for the ``sup_*`` task modules. Tasks append
+``start`` / ``done`` lines to a record file, from which the tests count how often each message
+ran, in which child and from which queue; psutil shows the children and their titles. Several
+children consume one queue at once, so these run on fauxqs (see ``TESTING.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from ebsqs.brokers import OutgoingMessage, QueueSettings
+from ebsqs.brokers.sqs import SQSBroker
+from ebsqs.envelope import Envelope, decode, encode
+from tests.servers import subprocess_env
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.fauxqs
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+TITLE = re.compile(r"ebsqs: worker\[(?P<queue>[^\]]+)\] #(?P<slot>\d+) (?P<state>\w+)")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """One line of the record file."""
+
+    event: str
+    pid: int
+    queue: str
+    key: str
+    task_id: str
+    attempt: int
+    at: float
+    extra: str
+
+
+class Supervisor:
+    """An ``ebsqs supervise`` process and what it wrote."""
+
+    def __init__(self, tmp_path: Path, endpoint: str, args: list[str], env: dict[str, str]) -> None:
+        self.log_path = tmp_path / "supervise.log"
+        self.record_path = tmp_path / "record.txt"
+        self.record_path.touch()
+        python_path = os.pathsep.join(
+            [str(tmp_path), str(FIXTURES), os.environ.get("PYTHONPATH", "")]
+        )
+        full_env = subprocess_env(
+            endpoint,
+            SUP_RECORD=str(self.record_path),
+            PYTHONPATH=python_path,
+            PYTHONDONTWRITEBYTECODE="1",
+            EBSQS_LOG_FORMAT="json",
+            **env,
+        )
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "ebsqs", "supervise", *args],
+                env=full_env,
+                cwd=tmp_path,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        self.pid = self.process.pid
+
+    # -- processes --
+
+    def children(self) -> dict[int, tuple[str, int, str]]:
+        """``{pid: (queue, slot, state)}`` of the master's worker children, from their titles."""
+        found = {}
+        try:
+            processes = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return {}
+        for child in processes:
+            try:
+                match = TITLE.search(" ".join(child.cmdline()))
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+            if match:
+                found[child.pid] = (match["queue"], int(match["slot"]), match["state"])
+        return found
+
+    def consuming(self) -> dict[str, set[int]]:
+        """Pids of children that are idle or busy, by queue."""
+        result: dict[str, set[int]] = {}
+        for pid, (queue, _, state) in self.children().items():
+            if state in ("idle", "busy"):
+                result.setdefault(queue, set()).add(pid)
+        return result
+
+    def wait_consuming(self, counts: dict[str, int], timeout: float = 15) -> dict[str, set[int]]:
+        """Wait until exactly ``counts`` children per queue are consuming (and no others)."""
+
+        def matches() -> dict[str, set[int]] | None:
+            now = self.consuming()
+            if {q: len(p) for q, p in now.items()} == counts and len(self.children()) == sum(
+                counts.values()
+            ):
+                return now
+            return None
+
+        return wait_until(
+            matches, timeout, interval=0.05, message=lambda: f"children: {self.children()}"
+        )
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def kill_all(self) -> None:
+        """Cleanup: kill the master's whole process group, whatever state it is in."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(5)
+
+    # -- what it wrote --
+
+    def events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The JSON log lines (of one event name)."""
+        found = []
+        for line in self.log_path.read_text().splitlines():
+            if not line.startswith("{"):
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if name is None or entry.get("event") == name:
+                found.append(entry)
+        return found
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+    def runs(self, event: str = "done") -> list[Run]:
+        rows = []
+        for line in self.record_path.read_text().splitlines():
+            parts = line.split(" ", 7)
+            parts += [""] * (8 - len(parts))
+            if parts[0] == event:
+                rows.append(
+                    Run(
+                        parts[0],
+                        int(parts[1]),
+                        parts[2],
+                        parts[3],
+                        parts[4],
+                        int(parts[5]),
+                        float(parts[6]),
+                        parts[7],
+                    )
+                )
+        return rows
+
+    def done_keys(self) -> Counter[str]:
+        return Counter(run.key for run in self.runs("done"))
+
+
+@pytest.fixture
+def supervise(tmp_path: Path, fauxqs_server: str) -> Iterator[Any]:
+    """``supervise(*args, **env)`` starts ``ebsqs supervise``; all are killed at the end."""
+    started: list[Supervisor] = []
+
+    def start(*args: str, **env: str) -> Supervisor:
+        sup = Supervisor(tmp_path, fauxqs_server, list(args), env)
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        sup.kill_all()
+
+
+@pytest.fixture
+def broker(sqs_env: str) -> Iterator[SQSBroker]:
+    """A broker of the test's own, on fauxqs (``sqs_env`` is parametrized to it below)."""
+    the_broker = SQSBroker()
+    yield the_broker
+    the_broker.close()
+
+
+def fauxqs_env() -> Any:
+    return pytest.mark.parametrize("sqs_env", ["fauxqs"], indirect=True)
+
+
+def create_queue(broker: SQSBroker, name: str, visibility: int = 30) -> str:
+    broker.ensure_queue(
+        name,
+        QueueSettings(
+            visibility_timeout=visibility, dead_letter_queue=f"{name}-dlq", max_receive_count=10
+        ),
+    )
+    return name
+
+
+def send(
+    broker: SQSBroker, queue: str, keys: Iterable[str], task: str = "sup_tasks.work", **kwargs: Any
+) -> list[str]:
+    """Send one task message per key (``task(key, **kwargs)``); return the keys."""
+    keys = list(keys)
+    bodies = [encode(Envelope(task=task, args=(key,), kwargs=kwargs)) for key in keys]
+    for start in range(0, len(bodies), 10):
+        broker.send_batch(queue, [OutgoingMessage(body) for body in bodies[start : start + 10]])
+    return keys
+
+
+def drain_queue(broker: SQSBroker, queue: str) -> list[str]:
+    """Receive and delete everything left in ``queue``; return the keys of those messages."""
+    keys: list[str] = []
+    while True:
+        batch = broker.receive(queue, 10, wait_seconds=1, visibility_timeout=30)
+        if not batch:
+            return keys
+        keys += [str(decode(message.body).args[0]) for message in batch]
+        broker.ack(batch)
+
+
+def queue_empty(broker: SQSBroker, queue: str) -> bool:
+    stats = broker.stats(queue)
+    return stats.visible == 0 and stats.in_flight == 0 and stats.delayed == 0
+
+
+# -- 1. children per queue -----------------------------------------------------------------------
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_each_queue_gets_its_children(supervise: Any, broker: SQSBroker, unique_queue: Any) -> None:
+    a, b = create_queue(broker, unique_queue()), create_queue(broker, unique_queue())
+    sup = supervise("--app", "sup_tasks", "--queues", f"{a},{b}", "--workers", "3", "--wait", "1")
+    children = sup.wait_consuming({a: 3, b: 3})
+    slots = {
+        queue: sorted(slot for q, slot, _ in sup.children().values() if q == queue)
+        for queue in (a, b)
+    }
+    assert slots == {a: [1, 2, 3], b: [1, 2, 3]}
+
+    keys_a = send(broker, a, (f"a{i}" for i in range(30)), seconds=0.05)
+    keys_b = send(broker, b, (f"b{i}" for i in range(30)), seconds=0.05)
+    wait_until(lambda: len(sup.runs()) == 60, 20, message=lambda: f"{len(sup.runs())} ran")
+
+    runs = sup.runs()
+    assert sup.done_keys() == Counter(keys_a + keys_b)
+    assert {run.pid for run in runs if run.key in keys_a} <= children[a]
+    assert {run.pid for run in runs if run.key in keys_b} <= children[b]
+    assert {run.queue for run in runs if run.key in keys_a} == {a}
+    assert {run.queue for run in runs if run.key in keys_b} == {b}
+    # Nobody was restarted along the way.
+    assert sup.consuming() == children
+
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(15) == 0
+
+
+# -- 2. a child killed in the middle of a task ---------------------------------------------------
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_killed_child_is_replaced_and_its_message_runs_again(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    sup = supervise(
+        "--app", "sup_tasks", "--queues", f"{queue}:2", "--wait", "1", "--visibility-timeout", "3"
+    )
+    before = sup.wait_consuming({queue: 2})[queue]
+    keys = send(broker, queue, ["slow"], seconds=1.5)
+    keys += send(broker, queue, (f"k{i}" for i in range(20)), seconds=0.02)
+    victim = wait_until(lambda: [r.pid for r in sup.runs("start") if r.key == "slow"], 15)[0]
+
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    replaced = wait_until(
+        lambda: len(sup.consuming().get(queue, ())) == 2 and victim not in sup.consuming()[queue],
+        2.0,
+        interval=0.02,
+        message=lambda: f"children: {sup.children()}",
+    )
+    assert replaced and time.monotonic() - killed_at < 2.0
+
+    wait_until(
+        lambda: sup.done_keys() == Counter(keys), 20, message=lambda: f"done: {sup.done_keys()}"
+    )
+    slow_starts = [r for r in sup.runs("start") if r.key == "slow"]
+    assert slow_starts[0].pid == victim
+    assert len(slow_starts) == 2 and slow_starts[1].pid != victim
+    assert slow_starts[1].at - slow_starts[0].at >= 2.5  # back only after its visibility timeout
+    wait_until(lambda: queue_empty(broker, queue), 10, message="the queue did not empty")
+    [exited] = [e for e in sup.events("child_exited") if e["pid"] == victim]
+    assert exited["signal"] == "SIGKILL" and exited["verdict"] == "crashed"
+    assert before - {victim} <= sup.consuming()[queue]
+
+
+# -- 3. a frozen child -------------------------------------------------------------------------
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_frozen_child_is_killed_and_replaced(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    sup = supervise(
+        "--app", "sup_tasks", "--queues", f"{queue}:2", "--wait", "1", "--heartbeat-timeout", "2"
+    )
+    sup.wait_consuming({queue: 2})
+    send(broker, queue, ["frozen"], seconds=20)
+    victim = wait_until(lambda: [r.pid for r in sup.runs("start") if r.key == "frozen"], 15)[0]
+    # Its title turns "busy" from a heartbeat: the master has heard about the running task.
+    wait_until(lambda: sup.children().get(victim, ("", 0, ""))[2] == "busy", 5)
+
+    os.kill(victim, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    wait_until(
+        lambda: len(sup.consuming().get(queue, ())) == 2 and victim not in sup.consuming()[queue],
+        2 + 2,
+        interval=0.05,
+        message=lambda: f"children: {sup.children()}",
+    )
+    assert time.monotonic() - stopped_at < 2 + 2
+    assert not psutil.pid_exists(victim) or psutil.Process(victim).status() == "zombie"
+
+    [killed] = [e for e in sup.events("child_killed") if e["pid"] == victim]
+    assert killed["level"] == "critical" and killed["signal"] == "SIGABRT"
+    assert killed["task"] == "sup_tasks.work" and killed["task_id"]
+    assert "no heartbeat" in killed["reason"]
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_child_past_its_task_hard_limit_is_killed(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    sup = supervise("--app", "sup_tasks", "--queues", f"{queue}:1", "--wait", "1")
+    sup.wait_consuming({queue: 1})
+    send(broker, queue, ["overrun"], task="sup_tasks.overrun", seconds=30)
+    [start] = wait_until(lambda: sup.runs("start"), 15)
+
+    # Its heartbeats keep coming (a keeper thread sends them), but the task's 1-second hard
+    # limit passes; the inline executor cannot stop it, so the master kills the child.
+    killed = wait_until(lambda: sup.events("child_killed"), 1 + 3 + 3)
+    assert killed[0]["pid"] == start.pid and "past its hard limit" in killed[0]["reason"]
+    assert killed[0]["task"] == "sup_tasks.overrun"
+    sup.wait_consuming({queue: 1})
+    assert start.pid not in sup.children()
+
+
+# -- 4. graceful drain ---------------------------------------------------------------------------
+
+
+@fauxqs_env()
+@pytest.mark.timeout(90)
+def test_sigterm_drains_with_nothing_lost_or_run_twice(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    graceful = 10
+    sup = supervise(
+        "--app",
+        "sup_tasks",
+        "--queues",
+        f"{queue}:6",
+        "--wait",
+        "1",
+        "--graceful-timeout",
+        str(graceful),
+    )
+    sup.wait_consuming({queue: 6}, timeout=20)
+    keys = send(broker, queue, (f"m{i:03}" for i in range(200)), seconds=0.5)
+    # Six children busy, and some work done.
+    wait_until(lambda: len({r.pid for r in sup.runs("start")}) == 6 and len(sup.runs()) >= 12, 20)
+
+    sup.signal(signal.SIGTERM)
+    asked = time.monotonic()
+    assert sup.wait_exit(graceful) == 0
+    assert time.monotonic() - asked < graceful
+
+    done = sup.done_keys()
+    started = Counter(run.key for run in sup.runs("start"))
+    assert max(done.values()) == 1, "a message ran twice"
+    assert started == done, "a task was started but not finished"
+    left = drain_queue(broker, queue)
+    assert len(left) == len(set(left))
+    assert not set(left) & set(done), "a message ran and is still in the queue"
+    assert set(left) | set(done) == set(keys), "a message was lost"
+    assert 12 <= len(done) < 200
+    assert sup.events("drain_completed")
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_second_sigterm_stops_fast_and_releases_running_messages(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    sup = supervise(
+        "--app", "sup_tasks", "--queues", f"{queue}:2", "--wait", "1", "--graceful-timeout", "60"
+    )
+    sup.wait_consuming({queue: 2})
+    # One at a time: a child fetches up to ten messages, and would hold the second one back.
+    keys = send(broker, queue, ["long0"], seconds=60)
+    wait_until(lambda: len(sup.runs("start")) == 1, 15)
+    keys += send(broker, queue, ["long1"], seconds=60)
+    wait_until(lambda: len(sup.runs("start")) == 2, 15)
+
+    sup.signal(signal.SIGTERM)
+    wait_until(lambda: sup.events("drain_started"), 5)
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(10) == 0
+    assert sup.events("fast_stop_started")
+    assert not sup.runs("done")
+    assert sorted(drain_queue(broker, queue)) == keys  # released, not lost
+
+
+# -- 5. the master dies ----------------------------------------------------------------------------
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_children_exit_when_the_master_is_killed(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    sup = supervise("--app", "sup_tasks", "--queues", f"{queue}:3")
+    children = sup.wait_consuming({queue: 3})[queue]
+    send(broker, queue, ["busy"], seconds=1)
+    wait_until(lambda: sup.runs("start"), 15)
+
+    os.kill(sup.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def gone() -> bool:
+        return all(not _alive(pid) for pid in children)
+
+    wait_until(gone, 5, message=lambda: f"still alive: {[p for p in children if _alive(p)]}")
+    assert time.monotonic() - killed_at < 5
+    assert sup.done_keys() == Counter(["busy"])  # the running task was finished, not dropped
+    assert not _session_members(sup.pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _session_members(sid: int) -> list[int]:
+    members = []
+    for process in psutil.process_iter(["pid"]):
+        try:
+            if os.getsid(process.pid) == sid and _alive(process.pid):
+                members.append(process.pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return members
+
+
+# -- 6. an app that cannot boot ------------------------------------------------------------------
+
+
+@fauxqs_env()
+@pytest.mark.timeout(30)
+def test_import_error_stops_the_master(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    sup = supervise("--app", "sup_broken", "--queues", queue)
+    started = time.monotonic()
+    assert sup.wait_exit(10) == 3
+    assert time.monotonic() - started < 10
+    [failed] = sup.events("master_boot_failed")
+    assert failed["level"] == "critical"
+    assert "sup_broken fails at import on purpose" in failed["error"]
+    assert not sup.events("child_spawned")  # no child, let alone a restart storm
+
+
+@fauxqs_env()
+@pytest.mark.timeout(30)
+def test_child_that_cannot_boot_stops_the_master(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    missing = unique_queue()  # never created, and children may not create it
+    sup = supervise(
+        "--app", "sup_tasks", "--queues", f"{missing}:3", EBSQS_AUTO_CREATE_QUEUES="false"
+    )
+    started = time.monotonic()
+    assert sup.wait_exit(10) == 3
+    assert time.monotonic() - started < 10
+    assert len(sup.events("child_spawned")) == 3
+    assert not sup.events("child_restarted")
+    failures = sup.events("child_boot_failed")
+    assert failures and all("does not exist" in f["error"] for f in failures)
+    assert any(e["verdict"] == "boot_failed" for e in sup.events("child_exited"))
+
+
+# -- 7. HUP: fresh code, rolling -------------------------------------------------------------------
+
+HUP_APP = """
+import time
+
+from ebsqs import task
+from sup_tasks import record
+
+VERSION = "{version}"
+
+
+@task
+def versioned(key: str, seconds: float = 0.0) -> None:
+    time.sleep(seconds)
+    record("done", key, VERSION)
+"""
+
+
+@fauxqs_env()
+@pytest.mark.timeout(90)
+def test_hup_rolls_every_child_onto_new_code_without_stopping(
+    supervise: Any, broker: SQSBroker, unique_queue: Any, tmp_path: Path
+) -> None:
+    module = tmp_path / "sup_hup.py"
+    module.write_text(HUP_APP.format(version="one"))
+    queue = create_queue(broker, unique_queue())
+    sup = supervise("--app", "sup_hup", "--queues", f"{queue}:2", "--wait", "1")
+    old = sup.wait_consuming({queue: 2})[queue]
+    keys = send(
+        broker, queue, (f"h{i:03}" for i in range(400)), task="sup_hup.versioned", seconds=0.02
+    )
+    wait_until(lambda: len(sup.runs()) >= 40, 20)
+
+    module.write_text(HUP_APP.format(version="two, changed on disk"))
+    sup.signal(signal.SIGHUP)
+    hup_at = time.time()
+    wait_until(lambda: sup.events("reload_completed"), 20)
+    new = sup.wait_consuming({queue: 2})[queue]
+    assert not new & old, "every child was replaced"
+    done_at_reload = len(sup.runs())
+    assert done_at_reload < len(keys), "the reload finished with work still queued"
+
+    wait_until(
+        lambda: sup.done_keys() == Counter(keys),
+        30,
+        message=lambda: f"{len(sup.runs())} of {len(keys)} done",
+    )
+    runs = sup.runs()
+    assert {run.extra for run in runs if run.pid in new} == {"two, changed on disk"}
+    assert {run.extra for run in runs if run.pid in old} == {"one"}
+    # Processing never stopped: no long gap between completions around the reload.
+    reload_done = time.time()
+    times = sorted(run.at for run in runs if hup_at - 1 <= run.at <= reload_done)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert times and max(gaps) < 1.5, f"longest pause {max(gaps):.2f} s"
+    # One child per queue at a time: never fewer than N-1 consuming.
+    rolled = [e for e in sup.events("child_retired") if e.get("reason") == "reload"]
+    assert {e["pid"] for e in rolled} == old
+
+
+# -- 8. scaling and recycling ----------------------------------------------------------------------
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_ttin_ttou_change_children_per_queue(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    a, b = create_queue(broker, unique_queue()), create_queue(broker, unique_queue())
+    sup = supervise("--app", "sup_tasks", "--queues", f"{a}:2,{b}:1", "--wait", "1")
+    first = sup.wait_consuming({a: 2, b: 1})
+
+    sup.signal(signal.SIGTTIN)
+    grown = sup.wait_consuming({a: 3, b: 2})
+    assert first[a] < grown[a] and first[b] < grown[b], "scaling up restarted no one"
+
+    sup.signal(signal.SIGTTOU)
+    sup.wait_consuming({a: 2, b: 1})
+    sup.signal(signal.SIGTTOU)
+    shrunk = sup.wait_consuming({a: 1, b: 1})  # never below one per queue
+    assert shrunk[b] <= grown[b]
+
+    # A child drained by a direct SIGTERM (systemd signals every process) is replaced.
+    [direct] = shrunk[a]
+    os.kill(direct, signal.SIGTERM)
+    replaced = wait_until(
+        lambda: (now := sup.consuming().get(a, set())) and direct not in now and now, 10
+    )
+    assert len(replaced) == 1
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(15) == 0
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_max_tasks_per_child_recycles_without_losing_messages(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    sup = supervise(
+        "--app", "sup_tasks", "--queues", f"{queue}:2", "--wait", "1", "--max-tasks-per-child", "50"
+    )
+    sup.wait_consuming({queue: 2})
+    keys = send(broker, queue, (f"r{i:03}" for i in range(300)))
+    wait_until(lambda: len(sup.runs()) >= 300, 40, message=lambda: f"{len(sup.runs())} done")
+
+    assert sup.done_keys() == Counter(keys), "each message ran exactly once"
+    per_child = Counter(run.pid for run in sup.runs())
+    assert len(per_child) >= 300 // 55
+    assert max(per_child.values()) <= 55  # 50 plus the 10 % jitter
+    wait_until(lambda: queue_empty(broker, queue), 10, message="the queue did not empty")
+    assert not sup.events("child_killed")
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(15) == 0
