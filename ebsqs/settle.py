@@ -25,6 +25,7 @@ from ebsqs.envelope import Envelope
 from ebsqs.errors import EbsqsError, EnvelopeError
 from ebsqs.execution import Outcome, OutcomeKind
 from ebsqs.producer import outgoing, send_messages
+from ebsqs.stats import REJECTED
 
 if TYPE_CHECKING:
     from ebsqs.worker import Counters, Held
@@ -68,8 +69,11 @@ class Settler:
         envelope = held.envelope
         assert envelope is not None
         fields = _log_fields(held, envelope, outcome, self.settings.log_arguments)
+        stats = self.counters.task(envelope.task)
+        stats.observe(outcome.duration)
         if outcome.kind is OutcomeKind.SUCCEEDED:
             self.counters.done += 1
+            stats.succeeded += 1
             log.info("task_succeeded", **fields)
             return True
         wants_retry = outcome.kind is OutcomeKind.RETRY or (
@@ -78,6 +82,7 @@ class Settler:
         if wants_retry and envelope.retries_left > 0:
             return self._retry(held, envelope, outcome, fields)
         self.counters.failed += 1
+        stats.failed += 1
         reason = "retries exhausted" if wants_retry else "failed"
         log.error(
             f"task_{outcome.kind.value if outcome.kind is OutcomeKind.TIMED_OUT else 'failed'}",
@@ -109,6 +114,7 @@ class Settler:
             log.error("retry_send_failed", error=str(exc), **fields)
             return False  # keep the message: it comes back after its visibility timeout
         self.counters.retried += 1
+        self.counters.task(envelope.task).retried += 1
         log.warning(
             "task_retried",
             retry_in=round(delay, 3),
@@ -134,8 +140,10 @@ class Settler:
         send_messages(self.broker, self.settings, queue, [message])
 
     def reject(self, held: Held, exc: EnvelopeError) -> None:
-        """Dead-letter a message that must not run (undecodable, unknown task, bad signature)."""
-        self.counters.dead_lettered += 1
+        """Dead-letter a message that must not run (undecodable, unknown task, bad signature).
+
+        It is counted as dead-lettered once, by :meth:`dead_letter`, when the copy is sent.
+        """
         log.error(
             "message_rejected",
             queue=held.queue,
@@ -168,6 +176,7 @@ class Settler:
             )
             return False  # keep the original: the broker's redrive policy is the backstop
         self.counters.dead_lettered += 1
+        self.counters.task(details.get(TASK, REJECTED)).dead_lettered += 1
         log.warning(
             "message_dead_lettered",
             dead_letter_queue=queue,

@@ -33,6 +33,7 @@ from ebsqs.executors.base import Executor
 from ebsqs.producer import ensure_queue
 from ebsqs.registry import TaskRegistry, registry
 from ebsqs.settle import Settler
+from ebsqs.stats import TaskStats
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +61,7 @@ class WorkerState(enum.StrEnum):
 
 @dataclass
 class Counters:
-    """Outcomes since the process started."""
+    """Outcomes since the process started; ``tasks`` breaks them down per task name."""
 
     done: int = 0
     failed: int = 0
@@ -70,6 +71,14 @@ class Counters:
     empty_receives: int = 0
     receives: int = 0
     extended: int = 0
+    tasks: dict[str, TaskStats] = field(default_factory=dict)
+
+    def task(self, name: str) -> TaskStats:
+        """The stats of task ``name``, created at zero on first use."""
+        stats = self.tasks.get(name)
+        if stats is None:
+            stats = self.tasks[name] = TaskStats()
+        return stats
 
 
 @dataclass(frozen=True, slots=True)
