@@ -138,10 +138,13 @@ class AsyncioExecutor:
         loop = self._loop
         if loop is None or loop.is_closed():
             return self.collect(0)
+        while self.running() and time.monotonic() < deadline:
+            with self._lock:
+                self._lock.wait(max(min(deadline - time.monotonic(), 0.1), 0))
+            self.stop_overdue(time.monotonic())  # hard limits hold while draining
         with self._lock:
-            self._lock.wait_for(lambda: not self._running, max(deadline - time.monotonic(), 0))
             for running in self._running.values():
-                running.stopped_as = OutcomeKind.INTERRUPTED
+                running.stopped_as = running.stopped_as or OutcomeKind.INTERRUPTED
         # Cancel every job on the loop and give them a moment to unwind (and report).
         with contextlib.suppress(concurrent.futures.TimeoutError):
             asyncio.run_coroutine_threadsafe(_cancel_all(), loop).result(CANCEL_GRACE + 1)

@@ -205,6 +205,7 @@ class ProcessExecutor:
         outcomes: list[Outcome] = []
         while self.running() and time.monotonic() < deadline:
             outcomes += self.collect(deadline - time.monotonic())
+            outcomes += self.stop_overdue(time.monotonic())  # hard limits hold while draining
         outcomes += self.collect(0)
         now = time.monotonic()
         for slot in self._slots:

@@ -219,6 +219,29 @@ def test_shutdown_interrupts_what_still_runs_at_the_deadline(
     assert executor.collect(0.2) == []  # nothing reported twice
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("name", ["process", "asyncio"])
+def test_hard_limits_still_hold_while_draining(
+    name: str, tasks: Tasks, started: Callable[[str, int], Executor]
+) -> None:
+    async def overstays_async() -> None:
+        await asyncio.sleep(30)
+
+    def overstays() -> None:
+        time.sleep(30)
+
+    tasks.add(overstays_async if name == "asyncio" else overstays, time_limit=0.3)
+    executor = started(name, 1)
+    job = tasks.job("overstays_async" if name == "asyncio" else "overstays")
+    executor.submit(job)
+
+    begun = time.monotonic()
+    outcomes = executor.shutdown(begun + 10)
+
+    assert [(o.key, o.kind) for o in outcomes] == [(job.key, OutcomeKind.TIMED_OUT)]
+    assert time.monotonic() - begun < 3
+
+
 # -- soft time limits --------------------------------------------------------------------------
 
 
