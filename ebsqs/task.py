@@ -9,13 +9,14 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import inspect
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
+from typing import Any, Generic, NoReturn, ParamSpec, Protocol, TypeVar, overload
 
 from ebsqs.backoff import Backoff
 from ebsqs.context import current_or_none
-from ebsqs.envelope import Envelope
+from ebsqs.envelope import Envelope, encode
 from ebsqs.errors import MaxRetriesReachedException, Retry
 from ebsqs.registry import TaskRegistry, registry
 
@@ -56,6 +57,7 @@ class Call:
 
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    task_id: str | None = None  # chosen up front when the send waits for a commit
 
 
 class Task(Generic[P, R]):
@@ -156,9 +158,31 @@ class Task(Generic[P, R]):
         return replace(self.options, **chosen), kwargs
 
     def _send(self, calls: list[Call], options: SendOptions) -> list[str]:
+        if COMMIT_HOOKS and COMMIT_HOOKS[-1].delay_waits_for_commit():
+            return _send_after_commit(self, calls, options, COMMIT_HOOKS[-1])
+        return self._send_now(calls, options)
+
+    def _send_now(self, calls: list[Call], options: SendOptions) -> list[str]:
         from ebsqs.producer import send_calls
 
         return send_calls(self, calls, options)
+
+    # -- sending after a transaction commits (see COMMIT_HOOKS below) ------------------------
+
+    def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Like :meth:`delay`, but the message is sent once the current transaction commits.
+
+        Nothing is sent if it rolls back. Arguments are checked now (a :class:`SerializationError`
+        is raised here, not at commit), and the task id is returned now. Outside a transaction,
+        or with no integration that knows transactions (``ebsqs.contrib.django``), it sends at once.
+        """
+        options, call_kwargs = self._split_options(kwargs)
+        return self._send_on_commit([Call(args, call_kwargs)], options)[0]
+
+    def _send_on_commit(self, calls: list[Call], options: SendOptions) -> list[str]:
+        if not COMMIT_HOOKS:
+            return self._send_now(calls, options)
+        return _send_after_commit(self, calls, options, COMMIT_HOOKS[-1])
 
 
 class BoundTask(Generic[P, R]):
@@ -175,6 +199,11 @@ class BoundTask(Generic[P, R]):
     def delay_many(self, calls: Iterable[Call | tuple[Any, ...] | Mapping[str, Any]]) -> list[str]:
         """Send many invocations with these options."""
         return self.task._send([_as_call(item) for item in calls], self.options)
+
+    def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """Send with these options once the current transaction commits (see
+        :meth:`Task.delay_on_commit`)."""
+        return self.task._send_on_commit([Call(args, kwargs)], self.options)[0]
 
     def _send_one(self, call: Call) -> str:
         return self.task._send([call], self.options)[0]
@@ -233,13 +262,14 @@ def due_time(options: SendOptions, default_delay: float, now: float) -> float:
 
 def new_envelope(task: Task[Any, Any], call: Call, max_retries: int, now: float) -> Envelope:
     """The first attempt's envelope of one call."""
-    return Envelope(
+    envelope = Envelope(
         task=task.name,
         args=tuple(call.args),
         kwargs=dict(call.kwargs),
         max_retries=max_retries,
         enqueued_at=now,
     )
+    return replace(envelope, id=call.task_id) if call.task_id else envelope
 
 
 def _as_call(item: Call | tuple[Any, ...] | Mapping[str, Any]) -> Call:
@@ -258,3 +288,36 @@ def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
         return frozenset(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return frozenset()
+
+
+# -- sending after a transaction commits ------------------------------------------------------
+# Frameworks with database transactions plug in here (``ebsqs.contrib.django`` registers
+# Django's); the core imports none of them.
+
+
+class CommitHook(Protocol):
+    """How sends wait for a transaction: ``defer`` runs a callback once it commits."""
+
+    def defer(self, send: Callable[[], object]) -> None:
+        """Call ``send`` when the current transaction commits (at once outside one; never if it
+        rolls back)."""
+        ...
+
+    def delay_waits_for_commit(self) -> bool:
+        """Whether a plain ``.delay()`` made now should wait for the commit too."""
+        ...
+
+
+#: Registered commit hooks; the last one is used. A registry like the task registry.
+COMMIT_HOOKS: list[CommitHook] = []
+
+
+def _send_after_commit(
+    task: Task[Any, Any], calls: list[Call], options: SendOptions, hook: CommitHook
+) -> list[str]:
+    """Fix the task ids and check the arguments now; send when the transaction commits."""
+    calls = [replace(call, task_id=call.task_id or str(uuid.uuid4())) for call in calls]
+    for call in calls:
+        encode(new_envelope(task, call, 0, 0.0))  # raises SerializationError, naming the argument
+    hook.defer(functools.partial(task._send_now, calls, options))
+    return [call.task_id for call in calls if call.task_id]
