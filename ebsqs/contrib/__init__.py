@@ -1,0 +1,1 @@
+"""Integrations with frameworks. The core never imports anything from here."""
