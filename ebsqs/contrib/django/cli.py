@@ -1,0 +1,133 @@
+"""Running the ``ebsqs`` command line inside ``manage.py``, where Django is already set up, and
+declaring its options on Django commands."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import click
+from django.core.management import CommandError, CommandParser
+
+from ebsqs.errors import EbsqsError
+
+
+def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
+    """Run ``ebsqs <argv>`` in this process; a failure becomes a :class:`CommandError`.
+
+    The process is the one ``manage.py`` set Django up in, so the supervisor's master forks
+    children that inherit a ready Django (settings, apps, autodiscovered tasks).
+
+    Raises:
+        CommandError: bad usage, an ebsqs error, or a command that exited with a non-zero code
+            (``returncode`` is that code, so ``manage.py`` exits with it).
+    """
+    from ebsqs.cli import EXIT_BOOT, EXIT_ERROR, main
+
+    try:
+        code = main.main(args=list(argv), prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.Abort:
+        raise CommandError("Aborted.", returncode=EXIT_ERROR) from None
+    except click.ClickException as exc:
+        raise CommandError(exc.format_message(), returncode=exc.exit_code) from exc
+    except EbsqsError as exc:
+        from ebsqs.app import AppImportError
+
+        returncode = EXIT_BOOT if isinstance(exc, AppImportError) else EXIT_ERROR
+        raise CommandError(str(exc), returncode=returncode) from exc
+    if isinstance(code, int) and code != 0:
+        command = " ".join([prog_name, *argv[:1]])
+        raise CommandError(f"{command} exited with status {code}", returncode=code)
+
+
+def has_command(name: str) -> bool:
+    """Whether the ``ebsqs`` command line has a (top-level) command of that name."""
+    from ebsqs.cli import main
+
+    return name in main.commands
+
+
+#: Options every Django command has; an ebsqs option spelled the same is left out.
+_DJANGO_OPTIONS = frozenset(
+    {
+        "-h",
+        "--help",
+        "--version",
+        "-v",
+        "--verbosity",
+        "--settings",
+        "--pythonpath",
+        "--traceback",
+        "--no-color",
+        "--force-color",
+        "--skip-checks",
+    }
+)
+#: Prefix of the argparse destinations of ebsqs options, apart from Django's own.
+DEST_PREFIX = "ebsqs_"
+
+
+def add_cli_options(parser: CommandParser, command: str, skip: Iterable[str] = ()) -> None:
+    """Declare the options of ``ebsqs <command>`` on a Django command's parser.
+
+    So ``manage.py process_queue --help`` lists them, and every option a newer ebsqs adds is
+    accepted without a change here. Values are not checked here: :func:`cli_argv` passes them
+    back to the ebsqs command, which checks them.
+    """
+    for param in _options(command, skip):
+        names = [opt for opt in param.opts if opt not in _DJANGO_OPTIONS]
+        negations = [opt for opt in param.secondary_opts if opt not in _DJANGO_OPTIONS]
+        dest = DEST_PREFIX + (param.name or "")
+        help_text = argparse.SUPPRESS if param.hidden else param.help
+        if param.is_flag and not param.count:
+            parser.add_argument(*names, dest=dest, action="store_const", const=True, help=help_text)
+            if negations:
+                parser.add_argument(
+                    *negations, dest=dest, action="store_const", const=False, help=argparse.SUPPRESS
+                )
+        elif param.count:
+            parser.add_argument(*names, dest=dest, action="count", help=help_text)
+        else:
+            parser.add_argument(
+                *names,
+                dest=dest,
+                action="append" if param.multiple else "store",
+                nargs=param.nargs if param.nargs > 1 else None,
+                metavar=param.metavar or (param.name or "value").upper(),
+                help=help_text,
+            )
+
+
+def cli_argv(options: dict[str, Any], command: str, skip: Iterable[str] = ()) -> list[str]:
+    """The ``ebsqs <command>`` arguments for the options :func:`add_cli_options` parsed."""
+    argv: list[str] = []
+    for param in _options(command, skip):
+        value = options.get(DEST_PREFIX + (param.name or ""))
+        if value is None:
+            continue
+        flag = next(opt for opt in param.opts if opt not in _DJANGO_OPTIONS)
+        if param.is_flag and not param.count:
+            argv.append(flag if value else param.secondary_opts[0])
+        elif param.count:
+            argv += [flag] * value
+        else:
+            for item in value if param.multiple else [value]:
+                argv += [flag, *map(str, item if isinstance(item, list | tuple) else [item])]
+    return argv
+
+
+def _options(command: str, skip: Iterable[str]) -> list[click.Option]:
+    from ebsqs.cli import main
+
+    found = main.commands.get(command)
+    if found is None:
+        return []
+    skipped = set(skip)
+    return [
+        param
+        for param in found.params
+        if isinstance(param, click.Option)
+        and param.name not in skipped
+        and any(opt not in _DJANGO_OPTIONS for opt in param.opts)
+    ]
