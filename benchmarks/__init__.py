@@ -1,0 +1,44 @@
+"""Reproducible benchmarks: ``make bench`` (``python -m benchmarks``).
+
+Each benchmark module (``benchmarks/worker.py``, ``supervisor.py``, ``executors.py``) exposes::
+
+    def run(endpoint: str, *, quick: bool = False) -> Sequence[Result]
+
+``endpoint`` is a local SQS server (fauxqs, started by ``__main__``) whose URL is also in this
+process's ``AWS_ENDPOINT_URL_SQS``; ``quick`` asks for a smoke-sized run. Results are ratios
+against a plain boto3 program run side by side on the same endpoint, not absolute times, which
+depend on the machine; absolute figures go in ``detail``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One line of the report.
+
+    Attributes:
+        name: what was measured, e.g. "throughput, ebsqs worker / plain loop".
+        value: the ratio (or count) measured.
+        goal: ``">= 0.9"`` or ``"<= 1.3"``, or None when there is no goal.
+        detail: absolute numbers behind the ratio, shown in parentheses.
+    """
+
+    name: str
+    value: float
+    goal: str | None = None
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the goal is met (None without a goal)."""
+        if self.goal is None:
+            return None
+        operator, bound = self.goal.split()
+        if operator == ">=":
+            return self.value >= float(bound)
+        if operator == "<=":
+            return self.value <= float(bound)
+        raise ValueError(f"goal {self.goal!r} is neither '>= x' nor '<= x'")

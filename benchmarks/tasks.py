@@ -1,0 +1,10 @@
+"""The benchmark app: tasks that do nothing, so a run measures the machinery around them."""
+
+from __future__ import annotations
+
+from ebsqs import task
+
+
+@task
+def noop(n: int) -> None:
+    """Do nothing."""
