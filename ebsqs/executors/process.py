@@ -16,13 +16,17 @@ Time limits:
       TIMED_OUT; a fresh process takes the slot.
 
 A pool process that dies mid-job (a segfault, the OOM killer, ``os._exit``) is reported as a
-FAILED outcome naming the signal or exit code, and replaced.
+FAILED outcome naming the signal or exit code, and replaced. Pool processes do not outlive the
+worker: an idle one exits at end of file on its pipe, a busy one is killed by Linux
+(``PR_SET_PDEATHSIG``) when the worker dies.
 
 Forking happens in the worker loop's thread. The first pool is forked in :meth:`start`, before
-the worker starts its keeper thread; replacements are forked while the keeper runs, so the child
-touches nothing a thread might have held locked at the fork except its own pipe and what the task
-itself uses (broker clients and database connections are per process and made afresh; the
-``before_fork`` hook lets integrations such as Django close connections first).
+the worker starts its keeper thread; replacements are forked while the keeper runs. A lock the
+keeper happened to hold at that instant (say, mid log line) stays locked in the new process, the
+known limit of forking a threaded process that every prefork server shares; the keeper writes
+rarely, and the pool process does little before serving. Broker clients and database
+connections are made afresh in each process (the ``before_fork`` hook lets integrations such
+as Django close connections before each fork).
 """
 
 from __future__ import annotations
