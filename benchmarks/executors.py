@@ -10,8 +10,9 @@ measured from the first receive to the empty queue, watching the broker's counts
 start-up (imports, client creation) is left out. Only ratios are printed: absolute rates depend on
 the machine and the broker.
 
-``python -m benchmarks.executors ENDPOINT_URL`` (an SQS endpoint, e.g. fauxqs) or
-``python -m benchmarks.executors sqlite:///tmp/bench.db``; ``make bench`` calls :func:`run`.
+``make bench`` calls :func:`run` with a fauxqs endpoint; by hand,
+``python -m benchmarks.executors ENDPOINT_URL`` (any SQS endpoint) or
+``python -m benchmarks.executors sqlite:////tmp/bench.db``, with ``--quick`` for a smoke run.
 
 This module is also the workers' app (``--app benchmarks.executors``): it defines the two tasks.
 """
@@ -30,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import Result
 from ebsqs import task
 from ebsqs.brokers import MAX_BATCH, Broker, OutgoingMessage, from_url
 from ebsqs.config import load_settings
@@ -75,25 +77,24 @@ class Workload:
     concurrency: int
 
 
-def run(endpoint_url: str) -> dict[str, float]:
-    """Measure both workloads against a broker; return ratios (and print them).
+def run(endpoint: str, *, quick: bool = False) -> list[Result]:
+    """Measure both workloads against a broker; return ratios.
 
     Args:
-        endpoint_url: an SQS endpoint (``http://127.0.0.1:PORT``: the workers use ``sqs://``
-            with ``AWS_ENDPOINT_URL_SQS`` set to it), or a broker URL (``sqlite:///...``).
+        endpoint: an SQS endpoint (``http://127.0.0.1:PORT``: the workers use ``sqs://`` with
+            ``AWS_ENDPOINT_URL_SQS`` set to it), or a broker URL (``sqlite:///...``).
+        quick: a smoke-sized run (a tenth of the tasks).
     """
-    with _broker_environment(endpoint_url) as env:
+    scale = 10 if quick else 1
+    with _broker_environment(endpoint) as env:
         broker = from_url(env["EBSQS_BROKER_URL"])
         try:
-            results = _measure_all(broker, env)
+            return _measure_all(broker, env, scale)
         finally:
             broker.close()
-    for name, value in results.items():
-        print(f"executors.{name}: {value:.2f}")
-    return results
 
 
-def _measure_all(broker: Broker, env: Mapping[str, str]) -> dict[str, float]:
+def _measure_all(broker: Broker, env: Mapping[str, str], scale: int) -> list[Result]:
     sleeping = {
         concurrency: _rate(
             broker,
@@ -101,7 +102,7 @@ def _measure_all(broker: Broker, env: Mapping[str, str]) -> dict[str, float]:
             Workload(
                 sleep_briefly.name,
                 (SLEEP_SECONDS,),
-                SLEEP_TASKS_AT_1 if concurrency == 1 else SLEEP_TASKS,
+                (SLEEP_TASKS_AT_1 if concurrency == 1 else SLEEP_TASKS) // scale,
                 "thread",
                 concurrency,
             ),
@@ -110,24 +111,37 @@ def _measure_all(broker: Broker, env: Mapping[str, str]) -> dict[str, float]:
     }
     burning = {
         workers: _rate(
-            broker, env, Workload(burn.name, (CPU_ITERATIONS,), CPU_TASKS, "process", workers)
+            broker,
+            env,
+            Workload(burn.name, (CPU_ITERATIONS,), CPU_TASKS // scale, "process", workers),
         )
         for workers in (1, 2)
     }
-    results: dict[str, float] = {}
+    results = []
     for concurrency in (8, 32):
         speedup = sleeping[concurrency] / sleeping[1]
-        results[f"thread_sleep_speedup_c{concurrency}"] = speedup
-        results[f"thread_sleep_pct_of_linear_c{concurrency}"] = 100 * speedup / concurrency
-        # How much of the time the threads spent in their tasks' 20 ms sleeps: overheads
-        # amortised over concurrency make the speedup over concurrency 1 exceed linear.
-        ideal = concurrency / SLEEP_SECONDS
-        results[f"thread_sleep_pct_of_ideal_c{concurrency}"] = 100 * sleeping[concurrency] / ideal
-    results["process_cpu_speedup_2_vs_1"] = burning[2] / burning[1]
-    # The same work in two plain processes, side by side: what this machine gives (shared or
+        # Share of the threads' time spent in the tasks' sleeps: per-task overheads amortised
+        # over many threads can push the speedup over concurrency 1 past linear; this cannot.
+        busy = sleeping[concurrency] * SLEEP_SECONDS / concurrency
+        results.append(
+            Result(
+                f"thread, 20 ms sleeps: speedup at concurrency {concurrency} over 1",
+                speedup,
+                detail=f"{speedup / concurrency:.0%} of linear; threads asleep in tasks "
+                f"{busy:.0%} of the time",
+            )
+        )
+    # The same work in two bare processes, side by side: what this machine gives (shared or
     # throttled cores give less than 2), so the executor's own cost is the gap between the two.
-    results["plain_cpu_speedup_2_vs_1"] = _plain_cpu_speedup()
-    results["cpu_count"] = float(os.cpu_count() or 0)
+    plain = _plain_cpu_speedup(CPU_TASKS // scale)
+    results.append(
+        Result(
+            "process, CPU-bound: speedup of 2 pool processes over 1",
+            burning[2] / burning[1],
+            detail=f"{burning[2] / burning[1] / 2:.0%} of linear; {os.cpu_count()} CPUs",
+        )
+    )
+    results.append(Result("plain processes, same CPU-bound work: speedup of 2 over 1", plain))
     return results
 
 
@@ -136,13 +150,13 @@ def _burn_many(count: int) -> None:
         burn(CPU_ITERATIONS)
 
 
-def _plain_cpu_speedup() -> float:
+def _plain_cpu_speedup(tasks: int) -> float:
     """Speedup of two bare forked processes over one, on the CPU-bound workload."""
     context = multiprocessing.get_context("fork")
     began = time.monotonic()
-    _burn_many(CPU_TASKS)
+    _burn_many(tasks)
     one = time.monotonic() - began
-    processes = [context.Process(target=_burn_many, args=(CPU_TASKS // 2,)) for _ in range(2)]
+    processes = [context.Process(target=_burn_many, args=(tasks // 2,)) for _ in range(2)]
     began = time.monotonic()
     for process in processes:
         process.start()
@@ -246,4 +260,6 @@ def _broker_environment(target: str) -> Iterator[dict[str, str]]:
 
 
 if __name__ == "__main__":
-    run(sys.argv[1] if len(sys.argv) > 1 else f"sqlite:///{ROOT / 'bench-executors.db'}")
+    target = sys.argv[1] if len(sys.argv) > 1 else f"sqlite:///{ROOT / 'bench-executors.db'}"
+    for result in run(target, quick="--quick" in sys.argv):
+        print(f"{result.name}: {result.value:.2f}  ({result.detail})")
