@@ -217,20 +217,23 @@ class Child:
     def shutdown(self) -> None:
         """Child side: a last heartbeat (final counters), then close the broker and the pipe."""
         if self.worker is not None:
-            self.heartbeat(self.worker.status())
+            self.heartbeat(self.worker.status(), final=True)
         if self.broker is not None:
             self.broker.close()
         self.beats.close()
 
     # -- heartbeats (keeper thread, and the main thread at boot and exit) -------------------
 
-    def heartbeat(self, status: WorkerStatus) -> None:
+    def heartbeat(self, status: WorkerStatus, final: bool = False) -> None:
         """Child side, about once a second from the worker's keeper thread: report to the
         master, and notice when the master is gone (the parent-pid check backs up the
-        parent-death signal, which not every platform has)."""
+        parent-death signal, which not every platform has). ``final``: the last words, with
+        every task's stats even when they take several beats."""
         assert self._process is not None
-        beat = Beat.from_status(os.getpid(), status, self._process.memory_info().rss)
-        if os.getppid() != self.spec.master_pid or not self._send(beat):
+        rss = self._process.memory_info().rss
+        beats = Beat.parts(os.getpid(), status, rss, -1 if final else None)
+        sent = all([self._send(beat) for beat in beats])
+        if os.getppid() != self.spec.master_pid or not sent:
             self._on_master_gone()
         if status.state != self._title_state:
             self._title(status.state)

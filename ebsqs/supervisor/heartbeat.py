@@ -16,8 +16,11 @@ import json
 import os
 import struct
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from ebsqs.stats import TaskStats
 from ebsqs.supervisor.snapshot import CurrentTask, TaskCounts
 from ebsqs.worker import RunningTask, WorkerStatus
 
@@ -50,6 +53,13 @@ class Beat:
         dead_lettered: messages dead-lettered.
         rss: the child's resident memory in bytes.
         sent_at: the child's wall clock when it sent this.
+        receives: receive calls since the child started.
+        empty_receives: receive calls that returned nothing.
+        received: messages received.
+        extended: visibility extensions.
+        tasks: per task name, :meth:`TaskStats.to_wire` of its cumulative stats. A child with
+            more tasks than fit one frame sends a different part each second (and every part
+            in its last beats), so the master merges what it gets per task.
     """
 
     pid: int
@@ -66,10 +76,39 @@ class Beat:
     dead_lettered: int = 0
     rss: int = 0
     sent_at: float = 0.0
+    receives: int = 0
+    empty_receives: int = 0
+    received: int = 0
+    extended: int = 0
+    tasks: dict[str, list[Any]] | None = None
 
     @classmethod
-    def from_status(cls, pid: int, status: WorkerStatus, rss: int) -> Beat:
-        """The beat describing a worker's :class:`WorkerStatus`."""
+    def from_status(cls, pid: int, status: WorkerStatus, rss: int, part: int | None = None) -> Beat:
+        """The beat describing a worker's :class:`WorkerStatus`.
+
+        Args:
+            pid: the child's pid.
+            status: the worker's status.
+            rss: the child's resident memory.
+            part: which part of the per-task stats to carry (see :meth:`parts`); by default
+                the parts take turns, one per second.
+        """
+        return cls.parts(pid, status, rss, part)[0]
+
+    @classmethod
+    def parts(cls, pid: int, status: WorkerStatus, rss: int, part: int | None = -1) -> list[Beat]:
+        """Beats that carry every task's stats between them: all of them with ``part=-1``
+        (for the last words of an exiting child), else the one beat with that part."""
+        base = cls._without_tasks(pid, status, rss)
+        budget = MAX_FRAME - len(encode(base)) - 16
+        chunks = _task_chunks(status.counters.tasks, budget)
+        if part == -1:
+            return [dataclasses.replace(base, tasks=chunk) for chunk in chunks]
+        index = int(status.at) % len(chunks) if part is None else part % len(chunks)
+        return [dataclasses.replace(base, tasks=chunks[index])]
+
+    @classmethod
+    def _without_tasks(cls, pid: int, status: WorkerStatus, rss: int) -> Beat:
         current = _current(status.running)
         deadline = current.deadline if current else None
         counters = status.counters
@@ -88,6 +127,10 @@ class Beat:
             dead_lettered=counters.dead_lettered,
             rss=rss,
             sent_at=status.at,
+            receives=counters.receives,
+            empty_receives=counters.empty_receives,
+            received=counters.received,
+            extended=counters.extended,
         )
 
     @property
@@ -112,6 +155,25 @@ def _current(running: tuple[RunningTask, ...]) -> RunningTask | None:
     if not running:
         return None
     return min(running, key=lambda r: (r.deadline is None, r.deadline or 0.0, r.started_at))
+
+
+def _task_chunks(tasks: Mapping[str, TaskStats], budget: int) -> list[dict[str, list[Any]]]:
+    """Per-task stats in chunks whose JSON fits ``budget`` bytes each (at least one chunk)."""
+    # A copy first: the loop's thread may add a task while the keeper's thread reads.
+    items = sorted(list(tasks.items()), key=lambda item: item[0])
+    chunks: list[dict[str, list[Any]]] = [{}]
+    used = 2
+    for name, stats in items:
+        key, wire = name[:_MAX_TEXT], stats.to_wire()
+        size = len(json.dumps(key)) + len(json.dumps(wire, separators=(",", ":"))) + 2
+        if size + 2 > budget:
+            continue  # cannot happen with names cut to _MAX_TEXT; never break the beat
+        if used + size > budget:
+            chunks.append({})
+            used = 2
+        chunks[-1][key] = wire
+        used += size
+    return chunks
 
 
 def encode(beat: Beat) -> bytes:

@@ -87,6 +87,7 @@ class ChildSnapshot:
         counts: its task outcomes so far.
         rss: resident memory in bytes, from its last heartbeat.
         restarts: unplanned replacements of its slot so far (crashes, hangs).
+        running: tasks it is running (of ``in_flight``), from its last heartbeat.
     """
 
     queue: str
@@ -102,6 +103,7 @@ class ChildSnapshot:
     counts: TaskCounts
     rss: int
     restarts: int
+    running: int = 0
 
 
 @dataclass(frozen=True, slots=True)

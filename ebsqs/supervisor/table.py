@@ -123,6 +123,7 @@ class ChildRecord:
             counts=self.counts,
             rss=beat.rss if beat else 0,
             restarts=self.slot.restarts,
+            running=beat.running if beat else 0,
         )
 
 
