@@ -14,7 +14,10 @@ from typing import TYPE_CHECKING
 import structlog
 
 if TYPE_CHECKING:
+    from ebsqs.supervisor.heartbeat import Beat
     from ebsqs.supervisor.master import Master
+    from ebsqs.supervisor.process import ExitStatus
+    from ebsqs.supervisor.table import ChildRecord, Verdict
 
 log = structlog.get_logger(__name__)
 
@@ -43,6 +46,15 @@ class Extension:
 
     def on_stopped(self, master: Master, exit_code: int) -> None:
         """Every child is gone; the master is about to exit with ``exit_code``."""
+
+    def on_heartbeat(self, master: Master, child: ChildRecord, beat: Beat) -> None:
+        """A heartbeat from ``child`` was recorded (metrics: its cumulative counters)."""
+
+    def on_child_exited(
+        self, master: Master, child: ChildRecord, status: ExitStatus, verdict: Verdict
+    ) -> None:
+        """``child`` was reaped, after its last heartbeats were read (metrics: retire its
+        counters; count crashes and kills)."""
 
 
 class Extensions(Extension):
@@ -83,3 +95,11 @@ class Extensions(Extension):
 
     def on_stopped(self, master: Master, exit_code: int) -> None:
         self._each("on_stopped", lambda e: e.on_stopped(master, exit_code))
+
+    def on_heartbeat(self, master: Master, child: ChildRecord, beat: Beat) -> None:
+        self._each("on_heartbeat", lambda e: e.on_heartbeat(master, child, beat))
+
+    def on_child_exited(
+        self, master: Master, child: ChildRecord, status: ExitStatus, verdict: Verdict
+    ) -> None:
+        self._each("on_child_exited", lambda e: e.on_child_exited(master, child, status, verdict))

@@ -1,10 +1,12 @@
 """The master: forks worker children per queue, watches their heartbeats, and replaces, reloads,
 scales and stops them, like gunicorn's arbiter.
 
-Everything happens in one loop in the master's only thread (it never starts threads, so forking
-is safe): sleep until a heartbeat, a signal or a timer; act on recorded signals; reap exited
-children; then act on the :class:`~ebsqs.supervisor.table.Table`'s decisions. Signal handlers
-only record the signal and wake the loop through a self-pipe.
+Everything happens in one loop in the master's main thread: sleep until a heartbeat, a signal or
+a timer; act on recorded signals; reap exited children; then act on the
+:class:`~ebsqs.supervisor.table.Table`'s decisions. Signal handlers only record the signal and
+wake the loop through a self-pipe. The master starts no thread of its own; the one exception is
+the metrics server with ``--metrics-port`` (:mod:`ebsqs.supervisor.metrics`), which holds no lock
+a child could need after a fork and whose socket children close.
 
 The master imports the app once, before the first fork, and never talks to the broker: it holds
 no client, connection or broker object across a fork.
@@ -270,6 +272,8 @@ class Master:
         for beat in reader.read():
             if self.table.beat(pid, beat, now):
                 self._log_child("child_retired", self.table.children[pid], logger=log.info)
+            if pid in self.table.children:
+                self.extensions.on_heartbeat(self, self.table.children[pid], beat)
         if reader.malformed > malformed:
             log.warning("heartbeat_malformed", pid=pid, frames=reader.malformed - malformed)
         if reader.closed:
@@ -319,6 +323,7 @@ class Master:
             self.stop("a child could not boot (see child_boot_failed); not restarting it")
         else:
             self._log_child("child_exited", child, log.info, **fields)
+        self.extensions.on_child_exited(self, child, status, verdict)
 
     def murder(self, child: ChildRecord, reason: str) -> None:
         """A hung child: SIGABRT (its faulthandler dumps every thread's stack), and SIGCONT so a
