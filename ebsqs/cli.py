@@ -258,6 +258,28 @@ def install_stop_signals(the_worker: Worker) -> None:
     default=None,
     help="Write the master's pid to this file.",
 )
+@click.option(
+    "--status-file",
+    envvar="EBSQS_STATUS_FILE",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Where the master keeps its status for `ebsqs status` and `ebsqs healthcheck` "
+    "[default: next to --pidfile, else $XDG_RUNTIME_DIR/ebsqs/ or /tmp/ebsqs-UID/].",
+)
+@click.option(
+    "--metrics-port",
+    envvar="EBSQS_METRICS_PORT",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics from the master on this port [default: off].",
+)
+@click.option(
+    "--metrics-host",
+    envvar="EBSQS_METRICS_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics server listens on.",
+)
 @log_options
 def supervise(
     apps: tuple[str, ...],
@@ -273,6 +295,9 @@ def supervise(
     max_tasks_per_child: int | None,
     max_memory_per_child: int | None,
     pidfile: str | None,
+    status_file: str | None,
+    metrics_port: int | None,
+    metrics_host: str,
     log_format: log.LogFormat,
     log_level: str,
 ) -> None:
@@ -304,7 +329,12 @@ def supervise(
         log_format=log_format,
         log_level=log_level,
     )
-    sys.exit(supervisor.run(config))
+    from ebsqs.supervisor.operations import Operations
+
+    operations = Operations.create(
+        config, status_file=status_file, metrics_port=metrics_port, metrics_host=metrics_host
+    )
+    sys.exit(supervisor.run(config, [operations]))
 
 
 @main.command()
@@ -479,3 +509,11 @@ def dlq_peek(queue: str, limit: int, broker: str | None) -> None:
             f"error={attributes.get('ebsqs-error-type', '')}: {attributes.get('ebsqs-error', '')}"
         )
     the_broker.change_visibility(batch, 0)
+
+
+# -- operations: systemd-unit, status, healthcheck (implemented in ebsqs/supervisor/ops_cli.py) --
+from ebsqs.supervisor import ops_cli  # noqa: E402 - kept apart from the commands above
+
+main.add_command(ops_cli.systemd_unit)
+main.add_command(ops_cli.status)
+main.add_command(ops_cli.healthcheck)

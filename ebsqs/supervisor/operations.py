@@ -1,0 +1,279 @@
+"""What the master tells the outside world: sd_notify, the status file and metrics.
+
+One :class:`Operations` extension (see :mod:`ebsqs.supervisor.extension`) turns the master's
+events and snapshots into:
+
+- systemd notifications: ``READY=1`` once every child is up, ``STATUS=`` with a one-line summary
+  when it changes, ``WATCHDOG=1`` while the pool is healthy, ``RELOADING=1`` / ``READY=1`` around
+  a HUP, ``STOPPING=1`` and ``EXTEND_TIMEOUT_USEC`` while a drain makes progress;
+- the status file ``ebsqs status`` and ``ebsqs healthcheck`` read, rewritten once a second;
+- the metrics: child reports and exits fed to a :class:`MetricsRegistry`, served over HTTP when
+  ``--metrics-port`` is given.
+
+Everything here runs in the master's loop (the HTTP server's thread only reads the registry),
+never blocks for long, and never raises into the master: the notifier and the status file log
+their own failures once.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from ebsqs.errors import ConfigurationError
+from ebsqs.stats import TaskStats
+from ebsqs.supervisor.config import SupervisorConfig
+from ebsqs.supervisor.extension import Extension
+from ebsqs.supervisor.heartbeat import Beat
+from ebsqs.supervisor.metrics import ChildGauge, ChildReport, MetricsRegistry, MetricsServer
+from ebsqs.supervisor.process import ExitStatus
+from ebsqs.supervisor.snapshot import MasterState, Phase, SupervisorSnapshot
+from ebsqs.supervisor.status import StatusFile, document, stale_after, status_path
+from ebsqs.supervisor.systemd import STOP_MARGIN, Notifier
+
+if TYPE_CHECKING:
+    from ebsqs.supervisor.master import Master
+    from ebsqs.supervisor.table import ChildRecord, Verdict
+
+log = structlog.get_logger(__name__)
+
+#: Seconds between status-file writes (the master's loop can turn many times a second).
+WRITE_INTERVAL = 1.0
+
+
+class Operations(Extension):
+    """sd_notify, the status file and metrics for one master.
+
+    Build it with :meth:`create` in the master's process before :meth:`Master.run`.
+    """
+
+    def __init__(
+        self,
+        config: SupervisorConfig,
+        notifier: Notifier,
+        status_file: StatusFile | None,
+        server: MetricsServer | None = None,
+        metrics: MetricsRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.status_file = status_file
+        self.metrics = metrics or MetricsRegistry(spec.name for spec in config.queues)
+        self.server = server
+        self.clock = clock
+        self._next_write = 0.0
+        self._last_status = ""
+        self._last_state: MasterState | None = None
+        self._stop_started: float | None = None
+        self._drain_progress: tuple[int, int] | None = None
+
+    @classmethod
+    def create(
+        cls,
+        config: SupervisorConfig,
+        *,
+        status_file: str | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
+    ) -> Operations:
+        """Set up in the master's process, before the app is imported or anything forks.
+
+        Reads (and removes from the environment, so children and the programs tasks start
+        never see them) ``NOTIFY_SOCKET`` and the watchdog variables, and binds the metrics port
+        so a port in use fails the start, not the first scrape.
+
+        Raises:
+            ConfigurationError: the metrics address cannot be bound.
+        """
+        notifier = Notifier.from_environ(unset=True)
+        path = status_path(status_file, config.pidfile, os.getpid())
+        metrics = MetricsRegistry(spec.name for spec in config.queues)
+        server = None
+        if metrics_port is not None:
+            server = MetricsServer(metrics.render, metrics_port, metrics_host)
+            try:
+                server.bind()
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}"
+                ) from None
+        return cls(config, notifier, StatusFile(path), server, metrics)
+
+    # -- the master's events ---------------------------------------------------------------
+
+    def on_starting(self, master: Master) -> None:
+        """Serve metrics from here on (after the app's import, before the first fork)."""
+        if self.server is not None:
+            self.server.serve()
+
+    def on_ready(self, master: Master) -> None:
+        """``READY=1`` with the first status line."""
+        self._last_status = summary(master.snapshot())
+        self.notifier.ready(self._last_status)
+        self._write(master, force=True)
+
+    def on_tick(self, master: Master) -> None:
+        """Status file and gauges once a second; ``STATUS=`` on change; the watchdog."""
+        now = self.clock()
+        snapshot = master.snapshot()
+        self._write(master, snapshot=snapshot)
+        line = summary(snapshot)
+        if line != self._last_status and snapshot.state is not MasterState.STARTING:
+            self._last_status = line
+            self.notifier.status(line)
+        if pool_health(snapshot, self.config.heartbeat_timeout) is None:
+            self.notifier.ping_watchdog(now)
+        if snapshot.state is MasterState.STOPPING:
+            self._extend_drain(snapshot, now)
+
+    def on_reload(self, master: Master) -> None:
+        """``RELOADING=1``: systemd shows the unit reloading until ``READY=1``."""
+        self.notifier.reloading()
+        self._write(master, force=True)
+
+    def on_reloaded(self, master: Master) -> None:
+        """``READY=1``: every child runs the new code."""
+        self._last_status = summary(master.snapshot())
+        self.notifier.ready(self._last_status)
+        self._write(master, force=True)
+
+    def on_stopping(self, master: Master, graceful: bool) -> None:
+        """``STOPPING=1``; a graceful drain also extends systemd's stop timeout as it goes."""
+        self.notifier.stopping()
+        if self._stop_started is None:
+            self._stop_started = self.clock()
+        self._write(master, force=True)
+
+    def on_stopped(self, master: Master, exit_code: int) -> None:
+        """Remove the status file and stop serving metrics."""
+        if self.status_file is not None:
+            self.status_file.remove()
+        if self.server is not None:
+            self.server.stop()
+
+    def on_heartbeat(self, master: Master, child: ChildRecord, beat: Beat) -> None:
+        """A child's cumulative counters, for the metrics."""
+        self.metrics.report(_key(child), report(child.slot.queue, beat))
+
+    def on_child_exited(
+        self, master: Master, child: ChildRecord, status: ExitStatus, verdict: Verdict
+    ) -> None:
+        """Retire the child's counters; count restarts and kills."""
+        from ebsqs.supervisor.table import Verdict
+
+        queue = child.slot.queue
+        self.metrics.retire(_key(child))
+        if verdict is Verdict.CRASHED:
+            self.metrics.count_restart(queue)
+        if child.phase is Phase.KILLING:
+            hung = child.reason is not None and "heartbeat" in child.reason
+            self.metrics.count_kill(queue, "hung" if hung else "overdue")
+        elif child.sigkilled:
+            self.metrics.count_kill(queue, "stop_timeout")
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _write(
+        self, master: Master, *, force: bool = False, snapshot: SupervisorSnapshot | None = None
+    ) -> None:
+        now = self.clock()
+        state_changed = master.state is not self._last_state
+        if not (force or state_changed or now >= self._next_write):
+            return
+        self._next_write = now + WRITE_INTERVAL
+        self._last_state = master.state
+        snapshot = snapshot or master.snapshot()
+        self.metrics.set_children(gauges(snapshot, now))
+        if self.status_file is not None:
+            self.status_file.write(
+                document(
+                    snapshot,
+                    heartbeat_timeout=self.config.heartbeat_timeout,
+                    metrics_url=self.server.url if self.server is not None else None,
+                )
+            )
+
+    def _extend_drain(self, snapshot: SupervisorSnapshot, now: float) -> None:
+        """While draining children finish tasks or exit, push systemd's stop timeout out to
+        the rest of the graceful timeout plus the margin; a drain that stalls is left to it."""
+        progress = (snapshot.counts.finished, -len(snapshot.children))
+        if progress == self._drain_progress or self._stop_started is None:
+            return
+        self._drain_progress = progress
+        left = max(self.config.graceful_timeout - (now - self._stop_started), 0.0)
+        self.notifier.extend_timeout(int((left + STOP_MARGIN) * 1e6))
+
+
+def _key(child: ChildRecord) -> tuple[int, float]:
+    """One child's life: a pid can come back, a pid with its fork time cannot."""
+    return (child.pid, child.started)
+
+
+def report(queue: str, beat: Beat) -> ChildReport:
+    """The metrics in one heartbeat (malformed per-task entries are skipped)."""
+    tasks = {}
+    for name, wire in (beat.tasks or {}).items():
+        try:
+            tasks[name] = TaskStats.from_wire(wire)
+        except (TypeError, ValueError):
+            continue
+    return ChildReport(
+        queue,
+        receives=beat.receives,
+        empty_receives=beat.empty_receives,
+        received=beat.received,
+        extended=beat.extended,
+        tasks=tasks,
+    )
+
+
+def gauges(snapshot: SupervisorSnapshot, now: float) -> list[ChildGauge]:
+    """The live children's gauges in a snapshot taken at ``now`` (monotonic)."""
+    return [
+        ChildGauge(
+            queue=child.queue,
+            slot=child.slot,
+            state=child.state if child.phase is Phase.RUNNING else str(child.phase),
+            heartbeat_age=child.heartbeat_age,
+            in_flight=child.in_flight,
+            running=child.running,
+            rss=child.rss,
+            at=now,
+        )
+        for child in snapshot.children
+    ]
+
+
+def pool_health(snapshot: SupervisorSnapshot, heartbeat_timeout: float) -> str | None:
+    """Why the pool is unhealthy, or None: a child being killed, or one silent for half the
+    heartbeat timeout (heartbeats come every second: it missed many, and is hung in all
+    likelihood; the master kills it at the full timeout). The watchdog pings stop from that
+    moment until the replacement is forked."""
+    limit = stale_after(heartbeat_timeout)
+    for child in snapshot.children:
+        if child.phase is Phase.KILLING:
+            return f"child {child.queue} #{child.slot} (pid {child.pid}) is being killed"
+        if child.heartbeat_age > limit:
+            return f"child {child.queue} #{child.slot} (pid {child.pid}) is silent"
+    return None
+
+
+def summary(snapshot: SupervisorSnapshot) -> str:
+    """One line for ``systemctl status``: children up per queue, busy ones, and totals."""
+    parts = []
+    for queue, target in snapshot.targets.items():
+        mine = [c for c in snapshot.children if c.queue == queue]
+        up = sum(1 for c in mine if c.phase is Phase.RUNNING)
+        busy = sum(1 for c in mine if c.state == "busy")
+        parts.append(f"{queue} {up}/{target} up, {busy} busy")
+    counts = snapshot.counts
+    state = "" if snapshot.state is MasterState.RUNNING else f"{snapshot.state}: "
+    return (
+        f"{state}{'; '.join(parts)}; done {counts.done}, failed {counts.failed}, "
+        f"restarts {snapshot.restarts}"
+    )

@@ -1,0 +1,429 @@
+"""The status file: how ``ebsqs status`` and ``ebsqs healthcheck`` see a running supervisor.
+
+The master rewrites one small JSON document every tick (about once a second), atomically: it
+writes a temporary file in the same directory and renames it over the old one, so a reader
+never sees half a document. A file is simpler and sturdier than a control socket: it needs no
+server thread in the master, it can be read while the master is busy or stuck (and then shows
+how old it is), and permissions are those of the directory it lives in.
+
+Where it lives, in order: ``--status-file``; next to ``--pidfile`` (``ebsqs.pid`` ->
+``ebsqs.status.json``); else ``$XDG_RUNTIME_DIR/ebsqs/master-<pid>.json`` (or
+``/tmp/ebsqs-<uid>/`` without ``XDG_RUNTIME_DIR``). The unit ``ebsqs systemd-unit`` prints puts it
+in the unit's ``RuntimeDirectory`` (``/run/ebsqs/status.json``). Readers look in all of these.
+
+Health, as :func:`check_health` judges it from a document: the master process is alive (same
+pid, same start time), the document is fresh, the master is running (not starting or
+stopping), every queue has its children, and every child has sent a heartbeat within half the
+heartbeat timeout (:func:`stale_after`) and is not being killed. Empty queues are healthy: idle
+children still send heartbeats.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+
+from ebsqs.supervisor.snapshot import ChildSnapshot, Phase, SupervisorSnapshot
+
+log = structlog.get_logger(__name__)
+
+#: The document's format version; readers refuse others.
+VERSION = 1
+#: Seconds after which a status document counts as stale (the master writes every second).
+DEFAULT_MAX_AGE = 10.0
+#: Where systemd units keep their status files (``%t/ebsqs`` of a system unit).
+SYSTEM_RUNTIME_DIR = Path("/run/ebsqs")
+
+
+class StatusError(Exception):
+    """No usable status document: missing, unreadable or of another version."""
+
+
+# -- where -----------------------------------------------------------------------------------
+
+
+def default_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$XDG_RUNTIME_DIR/ebsqs``, or ``/tmp/ebsqs-<uid>`` where that is unset."""
+    env = os.environ if environ is None else environ
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "ebsqs"
+    return Path(tempfile.gettempdir()) / f"ebsqs-{os.getuid()}"
+
+
+def pidfile_status_path(pidfile: str | Path) -> Path:
+    """The status file that goes with a pidfile: ``ebsqs.pid`` -> ``ebsqs.status.json``."""
+    path = Path(pidfile)
+    return path.with_name(f"{path.stem}.status.json")
+
+
+def status_path(status_file: str | None, pidfile: str | None, pid: int) -> Path:
+    """Where the master with ``pid`` writes its status (see the module docstring)."""
+    if status_file:
+        return Path(status_file)
+    if pidfile:
+        return pidfile_status_path(pidfile)
+    return default_dir() / f"master-{pid}.json"
+
+
+def find_status_files(status_file: str | None = None, pidfile: str | None = None) -> list[Path]:
+    """The status files a reader should look at, newest first.
+
+    An explicit ``status_file`` or ``pidfile`` names exactly one (which may not exist);
+    otherwise every status file in the default directory and in ``/run/ebsqs``.
+    """
+    if status_file:
+        return [Path(status_file)]
+    if pidfile:
+        return [pidfile_status_path(pidfile)]
+    found: set[Path] = set()
+    for directory in (default_dir(), SYSTEM_RUNTIME_DIR):
+        for pattern in ("*.json", "*/status.json"):
+            with contextlib.suppress(OSError):
+                found.update(p for p in directory.glob(pattern) if not p.name.startswith("."))
+    return sorted(found, key=_mtime, reverse=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+# -- writing (in the master) -----------------------------------------------------------------
+
+
+def document(
+    snapshot: SupervisorSnapshot,
+    *,
+    heartbeat_timeout: float,
+    metrics_url: str | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The status document for a snapshot: plain JSON types only.
+
+    Args:
+        snapshot: the master's snapshot.
+        heartbeat_timeout: the master's, so readers judge heartbeats as the master does.
+        metrics_url: where metrics are served, if they are.
+        now: wall-clock time the snapshot was taken (default: now).
+    """
+    return {
+        "version": VERSION,
+        "written_at": time.time() if now is None else now,
+        "master": {
+            "pid": snapshot.pid,
+            "create_time": _create_time(snapshot.pid),
+            "state": str(snapshot.state),
+            "uptime": round(snapshot.uptime, 3),
+            "heartbeat_timeout": heartbeat_timeout,
+            "metrics_url": metrics_url,
+        },
+        "targets": dict(snapshot.targets),
+        "counts": asdict(snapshot.counts),
+        "restarts": snapshot.restarts,
+        "recycled": snapshot.recycled,
+        "children": [_child_document(child) for child in snapshot.children],
+    }
+
+
+def _child_document(child: ChildSnapshot) -> dict[str, Any]:
+    task = child.task
+    return {
+        "queue": child.queue,
+        "slot": child.slot,
+        "pid": child.pid,
+        "phase": str(child.phase),
+        "state": child.state,
+        "generation": child.generation,
+        "uptime": round(child.uptime, 3),
+        "heartbeat_age": round(child.heartbeat_age, 3),
+        "in_flight": child.in_flight,
+        "task": None
+        if task is None
+        else {
+            "name": task.name,
+            "task_id": task.task_id,
+            "running_for": _rounded(task.running_for),
+            "deadline_in": _rounded(task.deadline_in),
+        },
+        "counts": asdict(child.counts),
+        "rss": child.rss,
+        "restarts": child.restarts,
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _create_time(pid: int) -> float | None:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return None
+
+
+def write_status(path: str | Path, doc: Mapping[str, Any]) -> None:
+    """Replace ``path`` with ``doc`` atomically (a temporary file, then ``os.replace``).
+
+    Creates the directory (mode 0755) if needed; the file is 0644 so operators can read it.
+
+    Raises:
+        OSError: the directory or file cannot be written.
+    """
+    target = Path(path)
+    target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    data = json.dumps(doc, separators=(",", ":")).encode()
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(temporary, 0o644)
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+class StatusFile:
+    """The master's status file: written each tick, removed at exit, failures logged once."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._failed = False
+
+    def write(self, doc: Mapping[str, Any]) -> None:
+        """Replace the file; an error is logged (once) and otherwise ignored."""
+        try:
+            write_status(self.path, doc)
+        except OSError as exc:
+            if not self._failed:
+                self._failed = True
+                log.error("status_file_failed", path=str(self.path), error=str(exc))
+            return
+        self._failed = False
+
+    def remove(self) -> None:
+        """Delete the file (the master exits: no one should read a dead master's status)."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def read_status(path: str | Path) -> dict[str, Any]:
+    """The status document at ``path``.
+
+    Raises:
+        StatusError: the file is missing, unreadable, not JSON or of another version.
+    """
+    try:
+        doc = json.loads(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise StatusError(f"no status file at {path}: is the supervisor running?") from None
+    except (OSError, ValueError) as exc:
+        raise StatusError(f"cannot read the status file {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("version") != VERSION:
+        raise StatusError(f"{path} is not an ebsqs status file of version {VERSION}")
+    return doc
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A verdict: healthy or not, and why not (one line)."""
+
+    ok: bool
+    reason: str = "healthy"
+
+
+def master_alive(doc: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote ``doc`` still runs (same pid *and* start time)."""
+    master = doc["master"]
+    try:
+        process = psutil.Process(int(master["pid"]))
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        created = master.get("create_time")
+        return created is None or abs(process.create_time() - float(created)) < 1.0
+    except psutil.Error:
+        return False
+
+
+def age(doc: Mapping[str, Any], now: float | None = None) -> float:
+    """Seconds since the document was written."""
+    return max((time.time() if now is None else now) - float(doc["written_at"]), 0.0)
+
+
+def check_health(
+    doc: Mapping[str, Any], now: float | None = None, max_age: float = DEFAULT_MAX_AGE
+) -> Health:
+    """Judge a status document (see the module docstring for the rules)."""
+    now = time.time() if now is None else now
+    master = doc["master"]
+    if not master_alive(doc):
+        return Health(False, f"master {master['pid']} is not running")
+    stale = age(doc, now)
+    if stale > max_age:
+        return Health(False, f"status is {stale:.0f} s old: the master is not updating it")
+    if master["state"] not in ("running", "reloading"):
+        return Health(False, f"master {master['pid']} is {master['state']}")
+    for verdict in (_children_health(doc, stale), _queues_health(doc)):
+        if not verdict.ok:
+            return verdict
+    return Health(True)
+
+
+def _queues_health(doc: Mapping[str, Any]) -> Health:
+    reloading = doc["master"]["state"] == "reloading"
+    up = {str(Phase.BOOTING), str(Phase.RUNNING)}
+    for queue, target in doc["targets"].items():
+        count = sum(1 for c in doc["children"] if c["queue"] == queue and c["phase"] in up)
+        if count < target - (1 if reloading else 0):
+            return Health(False, f"queue {queue}: {count} of {target} children up (restarting)")
+    return Health(True)
+
+
+def stale_after(heartbeat_timeout: float) -> float:
+    """Seconds of silence after which a child counts as unhealthy: half the heartbeat timeout.
+
+    Heartbeats come every second, so such a child missed many; the master kills it at the full
+    timeout. Health checks and the systemd watchdog both use this threshold.
+    """
+    return heartbeat_timeout / 2
+
+
+def _children_health(doc: Mapping[str, Any], stale: float) -> Health:
+    timeout = stale_after(float(doc["master"]["heartbeat_timeout"]))
+    for child in doc["children"]:
+        name = f"{child['queue']} #{child['slot']} (pid {child['pid']})"
+        if child["phase"] == str(Phase.KILLING):
+            return Health(False, f"child {name} is hung or overdue and being killed")
+        silent = float(child["heartbeat_age"]) + stale
+        if silent > timeout:
+            return Health(False, f"child {name} sent no heartbeat for {silent:.0f} s")
+    return Health(True)
+
+
+def live_view(doc: Mapping[str, Any], now: float | None = None) -> dict[str, Any]:
+    """``doc`` as of ``now``: ages advanced by the document's age, plus alive and health.
+
+    This is what ``ebsqs status --json`` prints.
+    """
+    now = time.time() if now is None else now
+    stale = age(doc, now)
+    health = check_health(doc, now)
+    view: dict[str, Any] = json.loads(json.dumps(doc))
+    for child in view["children"]:
+        child["heartbeat_age"] = round(child["heartbeat_age"] + stale, 3)
+        child["uptime"] = round(child["uptime"] + stale, 3)
+        if child["task"] and child["task"]["running_for"] is not None:
+            child["task"]["running_for"] = round(child["task"]["running_for"] + stale, 3)
+    view["age"] = round(stale, 3)
+    view["alive"] = master_alive(doc)
+    view["healthy"] = health.ok
+    view["reason"] = health.reason
+    return view
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+_COLUMNS = (
+    "QUEUE",
+    "#",
+    "PID",
+    "STATE",
+    "TASK",
+    "FOR",
+    "DONE",
+    "FAILED",
+    "RETRIED",
+    "RESTARTS",
+    "RSS",
+)
+
+
+def render_table(view: Mapping[str, Any]) -> str:
+    """A status view (see :func:`live_view`) as a header line and a table of children."""
+    master, counts = view["master"], view["counts"]
+    header = (
+        f"ebsqs master {master['pid']}: {master['state']}, up {_duration(master['uptime'])}, "
+        f"{len(view['children'])} children, done {counts['done']}, failed {counts['failed']}, "
+        f"retried {counts['retried']}, restarts {view['restarts']}"
+    )
+    verdict = "healthy" if view["healthy"] else f"UNHEALTHY: {view['reason']}"
+    lines = [header, f"status {view['age']:.1f} s old, {verdict}", ""]
+    rows = [_COLUMNS, *(_row(child) for child in view["children"])]
+    lines += _aligned(rows, right={1, 2, 5, 6, 7, 8, 9, 10})
+    return "\n".join(lines)
+
+
+def _row(child: Mapping[str, Any]) -> tuple[str, ...]:
+    task = child["task"]
+    state = child["state"] if child["phase"] == "running" else f"{child['state']}/{child['phase']}"
+    return (
+        child["queue"],
+        str(child["slot"]),
+        str(child["pid"]),
+        state,
+        _shorten(task["name"], 40) if task else "-",
+        _duration(task["running_for"]) if task and task["running_for"] is not None else "-",
+        str(child["counts"]["done"]),
+        str(child["counts"]["failed"]),
+        str(child["counts"]["retried"]),
+        str(child["restarts"]),
+        _bytes(child["rss"]),
+    )
+
+
+def _aligned(rows: Sequence[Sequence[str]], right: Iterable[int]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    right = set(right)
+    return [
+        "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(float(seconds), 0.0)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours}h{minutes:02d}m"
+    return f"{hours // 24}d{hours % 24:02d}h"
+
+
+def _bytes(count: int) -> str:
+    if count < 1024:
+        return f"{count}B"
+    value, unit = count / 1024, "K"
+    for bigger in ("M", "G"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{value:.1f}{unit}"

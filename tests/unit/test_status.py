@@ -1,0 +1,241 @@
+"""The status file: writing it atomically, finding it, judging health, and rendering it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from click.testing import CliRunner
+from structlog.testing import capture_logs
+
+from ebsqs.supervisor import status
+from ebsqs.supervisor.ops_cli import healthcheck
+from ebsqs.supervisor.ops_cli import status as status_command
+
+NOW = 1_700_000_000.0
+
+
+def child(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "queue": "emails",
+        "slot": 1,
+        "pid": 1001,
+        "phase": "running",
+        "state": "idle",
+        "generation": 0,
+        "uptime": 120.0,
+        "heartbeat_age": 0.4,
+        "in_flight": 0,
+        "task": None,
+        "counts": {"done": 10, "failed": 1, "retried": 2, "dead_lettered": 1},
+        "rss": 50 * 1024 * 1024,
+        "restarts": 0,
+    }
+    return {**base, **changes}
+
+
+def doc(children: list[dict[str, Any]] | None = None, **master: Any) -> dict[str, Any]:
+    """A status document written by this test process (so its master counts as alive)."""
+    me = psutil.Process()
+    return {
+        "version": status.VERSION,
+        "written_at": NOW,
+        "master": {
+            "pid": me.pid,
+            "create_time": me.create_time(),
+            "state": "running",
+            "uptime": 3600.0,
+            "heartbeat_timeout": 30.0,
+            "metrics_url": None,
+            **master,
+        },
+        "targets": {"emails": 1},
+        "counts": {"done": 10, "failed": 1, "retried": 2, "dead_lettered": 1},
+        "restarts": 0,
+        "recycled": 0,
+        "children": [child()] if children is None else children,
+    }
+
+
+# -- writing and reading --------------------------------------------------------------------
+
+
+def test_write_replaces_atomically_and_reads_back(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "status.json"
+    status.write_status(path, doc())
+    status.write_status(path, doc(state="reloading"))
+    assert status.read_status(path)["master"]["state"] == "reloading"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["status.json"]  # no temp files left
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_read_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(status.StatusError, match="is the supervisor running"):
+        status.read_status(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(status.StatusError, match="cannot read"):
+        status.read_status(bad)
+    bad.write_text(json.dumps({"version": 99}))
+    with pytest.raises(status.StatusError, match="version"):
+        status.read_status(bad)
+
+
+def test_status_file_logs_a_failure_once_and_never_raises(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    writer = status.StatusFile(blocker / "status.json")  # a file where a directory should be
+    with capture_logs() as logs:
+        writer.write(doc())
+        writer.write(doc())
+        writer.remove()
+    assert [entry["event"] for entry in logs] == ["status_file_failed"]
+
+
+def test_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert status.status_path("/x/s.json", "/run/e.pid", 7) == Path("/x/s.json")
+    assert status.status_path(None, "/run/ebsqs.pid", 7) == Path("/run/ebsqs.status.json")
+    assert status.status_path(None, None, 7) == tmp_path / "ebsqs" / "master-7.json"
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert status.default_dir().name == f"ebsqs-{os.getuid()}"
+
+
+def test_readers_find_status_files_newest_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(status, "SYSTEM_RUNTIME_DIR", tmp_path / "system")
+    old = tmp_path / "ebsqs" / "master-1.json"
+    new = tmp_path / "system" / "emails" / "status.json"
+    status.write_status(old, doc())
+    status.write_status(new, doc())
+    os.utime(old, (1, 1))
+    (tmp_path / "ebsqs" / ".master-1.json.tmp").write_text("")
+    assert status.find_status_files() == [new, old]
+    assert status.find_status_files(pidfile="/run/x.pid") == [Path("/run/x.status.json")]
+
+
+# -- health ---------------------------------------------------------------------------------
+
+
+def test_an_idle_supervisor_is_healthy() -> None:
+    assert status.check_health(doc(), now=NOW + 1) == status.Health(True)
+
+
+@pytest.mark.parametrize(
+    ("document", "reason"),
+    [
+        (doc(pid=2**22 + 12345), "is not running"),
+        (doc(create_time=1.0), "is not running"),  # the pid was reused by another process
+        (doc(state="stopping"), "is stopping"),
+        (doc(state="starting"), "is starting"),
+        (doc([]), "queue emails: 0 of 1 children up"),
+        (doc([child(phase="killing")]), "being killed"),
+        (doc([child(heartbeat_age=16.0)]), "no heartbeat for 16 s"),
+    ],
+)
+def test_unhealthy_reasons(document: dict[str, Any], reason: str) -> None:
+    health = status.check_health(document, now=NOW + 0.25)
+    assert not health.ok
+    assert reason in health.reason
+
+
+def test_a_stale_document_is_unhealthy() -> None:
+    health = status.check_health(doc(), now=NOW + 11)
+    assert not health.ok
+    assert "11 s old" in health.reason
+
+
+def test_heartbeat_age_counts_the_document_s_age() -> None:
+    assert status.check_health(doc([child(heartbeat_age=12.0)]), now=NOW + 2).ok
+    assert not status.check_health(doc([child(heartbeat_age=12.0)]), now=NOW + 4).ok
+
+
+def test_one_child_short_is_fine_during_a_reload() -> None:
+    document = doc([child()], state="reloading")
+    document["targets"] = {"emails": 2}
+    assert status.check_health(document, now=NOW).ok
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+def busy_doc() -> dict[str, Any]:
+    task = {"name": "myapp.tasks.send_mail", "task_id": "t-1", "running_for": 2.5, "deadline_in": 5}
+    return doc(
+        [
+            child(state="busy", task=task, in_flight=1),
+            child(slot=2, pid=1002, phase="retiring", state="draining", rss=900),
+        ]
+    )
+
+
+def test_live_view_ages_the_document() -> None:
+    view = status.live_view(busy_doc(), now=NOW + 2)
+    assert view["age"] == 2
+    assert view["alive"] is True
+    assert view["children"][0]["task"]["running_for"] == 4.5
+    assert view["children"][0]["heartbeat_age"] == 2.4
+    assert view["healthy"] is True
+
+
+def test_the_table_is_aligned_and_shows_every_child() -> None:
+    text = status.render_table(status.live_view(busy_doc(), now=NOW + 1))
+    lines = text.splitlines()
+    assert lines[0].startswith(f"ebsqs master {os.getpid()}: running, up 1h00m, 2 children")
+    assert "healthy" in lines[1]
+    header, first, second = lines[3:6]
+    assert " ".join(header.split()) == "QUEUE # PID STATE TASK FOR DONE FAILED RETRIED RESTARTS RSS"
+    assert " ".join(first.split()) == "emails 1 1001 busy myapp.tasks.send_mail 3.5s 10 1 2 0 50.0M"
+    assert "draining/retiring" in second
+    assert second.split()[-1] == "900B"
+    assert header.index("DONE") + len("DONE") == first.index(" 10 ") + len(" 10")
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def write_now(path: Path, document: dict[str, Any]) -> Path:
+    fresh = copy.deepcopy(document)
+    fresh["written_at"] = time.time()
+    status.write_status(path, fresh)
+    return path
+
+
+def test_status_command_prints_a_table_and_json(tmp_path: Path) -> None:
+    path = write_now(tmp_path / "s.json", busy_doc())
+    runner = CliRunner()
+    table = runner.invoke(status_command, ["--status-file", str(path)])
+    assert table.exit_code == 0, table.output
+    assert "myapp.tasks.send_mail" in table.output
+    as_json = runner.invoke(status_command, ["--status-file", str(path), "--json"])
+    view = json.loads(as_json.output)
+    assert [c["state"] for c in view["children"]] == ["busy", "draining"]
+    assert view["healthy"] is True
+
+
+def test_status_command_without_a_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(status_command, ["--status-file", str(tmp_path / "none.json")])
+    assert result.exit_code == 1
+    assert "is the supervisor running" in result.output
+
+
+def test_healthcheck_command(tmp_path: Path) -> None:
+    runner = CliRunner()
+    path = write_now(tmp_path / "s.json", doc())
+    healthy = runner.invoke(healthcheck, ["--status-file", str(path)])
+    assert (healthy.exit_code, healthy.output) == (0, f"healthy: master {os.getpid()}\n")
+    write_now(path, doc(create_time=1.0))
+    dead = runner.invoke(healthcheck, ["--status-file", str(path)])
+    assert dead.exit_code == 1
+    assert dead.output.startswith("unhealthy: master") and "is not running" in dead.output
+    missing = runner.invoke(healthcheck, ["--status-file", str(tmp_path / "none.json")])
+    assert missing.exit_code == 1
+    assert missing.output.startswith("unhealthy: no status file")
