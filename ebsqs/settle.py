@@ -6,6 +6,7 @@ deleted, so a crash between the two repeats work instead of losing it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -53,6 +54,13 @@ class Settler:
         self.settings = settings
         self.backoff = backoff
         self.counters = counters
+        # Deletes wait here to go out ten per request. The loop flushes them whenever it would
+        # block or has nothing left to start, the keeper flushes any older than a second, so
+        # a crash repeats at most about a second of finished work (SQS is at-least-once
+        # anyway) while the worker makes a tenth of the delete requests.
+        self._acks: list[ReceivedMessage] = []
+        self._oldest_ack = 0.0
+        self._ack_lock = threading.Lock()
 
     def settle(self, finished: Sequence[tuple[Held, Outcome]]) -> None:
         """Ack, retry or dead-letter each finished message; ack in batches of ten."""
@@ -186,7 +194,23 @@ class Settler:
         return True
 
     def ack(self, messages: Sequence[ReceivedMessage]) -> None:
-        """Delete messages in batches of ten; a failed delete means the message comes again."""
+        """Queue messages for deletion; a full batch of ten goes out at once."""
+        if not messages:
+            return
+        with self._ack_lock:
+            if not self._acks:
+                self._oldest_ack = time.monotonic()
+            self._acks.extend(messages)
+            full = len(self._acks) >= MAX_BATCH
+        if full:
+            self.flush_acks()
+
+    def flush_acks(self, older_than: float = 0.0) -> None:
+        """Delete every queued message now (or only if the oldest waited ``older_than`` s)."""
+        with self._ack_lock:
+            if not self._acks or time.monotonic() - self._oldest_ack < older_than:
+                return
+            messages, self._acks = self._acks, []
         for start in range(0, len(messages), MAX_BATCH):
             batch = messages[start : start + MAX_BATCH]
             try:

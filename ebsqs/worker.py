@@ -223,6 +223,7 @@ class Worker:
         """Release every held message at once, running or not, and stop the keeper."""
         self._pending.clear()
         self._release(list(self._held.values()), reason="fast stop")
+        self._settler.flush_acks()
         self._keeper_stop.set()
         self.state = WorkerState.STOPPED
         log.warning("worker_abandoned", **_counts(self.counters))
@@ -241,6 +242,7 @@ class Worker:
             deadline = time.monotonic() + 3600
         self._settle(self.executor.shutdown(deadline))
         self._release(list(self._held.values()), reason="stopped before finishing", timeout=1)
+        self._settler.flush_acks()
         self._keeper_stop.set()
         self.state = WorkerState.STOPPED
         log.info("worker_stopped", **_counts(self.counters))
@@ -257,6 +259,10 @@ class Worker:
         outcomes += self.executor.stop_overdue(time.monotonic())
         self._settle(outcomes)
         self._start_pending()
+        if not self._pending and not self.executor.running():
+            # Nothing waits or runs: the next step may be a long poll, so delete finished work
+            # now. While tasks run, the keeper sends deletes that waited a second.
+            self._settler.flush_acks()
         self.state = WorkerState.BUSY if self._held else WorkerState.IDLE
         if self._reached_max_tasks() and not self.executor.running():
             log.info("worker_recycled", tasks=self._started)
@@ -371,6 +377,7 @@ class Worker:
         """Beside the loop: extend visibility and send heartbeats until the worker stops."""
         while not self._keeper_stop.wait(KEEPER_INTERVAL):
             try:
+                self._settler.flush_acks(older_than=KEEPER_INTERVAL)
                 self._extend_visibility()
                 if self.options.heartbeat is not None:
                     self.options.heartbeat(self.status())

@@ -233,3 +233,29 @@ def test_task_arguments_are_not_logged_by_default(broker: MemoryBroker, reg: Tas
     [line] = [e for e in logs if e["event"] == "task_succeeded"]
     assert {"task", "task_id", "message_id", "queue", "attempt", "duration"} <= line.keys()
     assert "hunter2" not in repr(logs)
+
+
+def test_deletes_go_out_ten_per_request(broker: MemoryBroker, reg: TaskRegistry) -> None:
+    task(name="ok", registry=reg)(lambda: None)
+    put(broker, *(body("ok") for _ in range(25)))
+    calls: list[int] = []
+    real_ack = broker.ack
+    broker.ack = lambda messages: calls.append(len(messages)) or real_ack(messages)  # type: ignore[method-assign]
+    worker = make_worker(broker, reg)
+    steps(worker, 4)
+    assert sum(calls) == 25 and calls[:2] == [10, 10]
+    assert broker.stats("q").in_flight == 0
+
+
+def test_the_keeper_flushes_deletes_that_waited_a_second(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    task(name="ok", registry=reg)(lambda: None)
+    put(broker, body("ok"))
+    worker = make_worker(broker, reg)
+    worker._receive()
+    worker._start_pending()  # ran, settled, delete queued but not sent
+    assert broker.stats("q").in_flight == 1
+    worker._settler._oldest_ack -= 5
+    worker._settler.flush_acks(older_than=1.0)
+    assert broker.stats("q").in_flight == 0
