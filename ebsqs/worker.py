@@ -161,6 +161,7 @@ class Worker:
         self._stopping = threading.Event()
         self._receiving = False
         self._started = 0
+        self._backlog = False
         self._keeper_stop = threading.Event()
         self._keeper: threading.Thread | None = None
         self._queues = cycle(options.queues)
@@ -254,8 +255,7 @@ class Worker:
         if self._wants_messages():
             self._receive()
         self._start_pending()
-        wait = 0.0 if self._pending else min(1.0, self.options.wait_seconds)
-        outcomes = self.executor.collect(wait if self.executor.running() else 0.0)
+        outcomes = self.executor.collect(self._collect_wait())
         outcomes += self.executor.stop_overdue(time.monotonic())
         self._settle(outcomes)
         self._start_pending()
@@ -267,6 +267,14 @@ class Worker:
         if self._reached_max_tasks() and not self.executor.running():
             log.info("worker_recycled", tasks=self._started)
             self.stop()
+
+    def _collect_wait(self) -> float:
+        """How long to wait for outcomes: not at all while more work could start at once."""
+        if not self.executor.running() or self._pending:
+            return 0.0
+        if self._backlog and self.executor.free_slots() > 0 and self._wants_messages():
+            return 0.0  # the last receive came back full: fill the free slots first
+        return min(1.0, self.options.wait_seconds)
 
     def _wants_messages(self) -> bool:
         if self._stopping.is_set() or self._reached_max_tasks():
@@ -306,6 +314,7 @@ class Worker:
             return
         self.counters.receives += 1
         self.counters.received += len(messages)
+        self._backlog = len(messages) == min(room, MAX_BATCH)
         if not messages:
             self.counters.empty_receives += 1
         now = time.time()
