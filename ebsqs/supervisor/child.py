@@ -44,7 +44,6 @@ BOOT_ERRORS = (ConfigurationError, QueueDoesNotExist)
 #: Signals that are the master's business; a child ignores them if they reach it (a terminal's
 #: Ctrl-C or a hangup goes to the whole process group, and the master decides).
 _MASTER_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
-_STOP_SIGNALS = {signal.SIGTERM, signal.SIGQUIT}
 
 
 class PollInterrupted(BaseException):
@@ -167,16 +166,7 @@ class Child:
         self.broker = from_url(self.config.settings.broker_url)
         self.worker = self._build_worker(self.broker)
         self._install_stop_signals(self.worker)
-        # A Python handler runs in the main thread, and only a signal delivered to the main
-        # thread cuts its blocking call (a 20-second long poll) short. Threads inherit the
-        # signal mask of the thread that starts them, so the stop signals stay blocked while
-        # the worker starts its threads (keeper, executor pool); the kernel then delivers them
-        # to the main thread. One that arrives meanwhile waits, pending, until the unblock.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
-            self.worker.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        self.worker.start()
         hooks.fire("worker_started")
         self.heartbeat(self.worker.status())  # the first "idle" beat tells the master we're up
 

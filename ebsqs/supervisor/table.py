@@ -321,14 +321,21 @@ class Table:
         ]
 
     def to_recycle(self) -> list[tuple[ChildRecord, str]]:
-        """Consuming children over the memory limit, to be replaced gracefully."""
+        """Consuming children over the memory limit, to be replaced gracefully.
+
+        Only once a child has run a task: one that is over the limit from the start would be
+        replaced by another just like it, forever.
+        """
         limit = self.config.max_memory_bytes
         if limit is None:
             return []
         return [
             (child, f"rss {child.beat.rss >> 20} MiB over {limit >> 20} MiB")
             for child in self._attached()
-            if child.phase is Phase.RUNNING and child.beat is not None and child.beat.rss > limit
+            if child.phase is Phase.RUNNING
+            and child.beat is not None
+            and child.beat.rss > limit
+            and child.beat.done + child.beat.failed + child.beat.retried > 0
         ]
 
     def to_roll(self) -> list[ChildRecord]:
