@@ -251,10 +251,17 @@ def queue_empty(broker: SQSBroker, queue: str) -> bool:
 
 @fauxqs_env()
 @pytest.mark.timeout(60)
-def test_each_queue_gets_its_children(supervise: Any, broker: SQSBroker, unique_queue: Any) -> None:
+def test_each_queue_gets_its_children(
+    supervise: Any, broker: SQSBroker, unique_queue: Any, tmp_path: Path
+) -> None:
     a, b = create_queue(broker, unique_queue()), create_queue(broker, unique_queue())
-    sup = supervise("--app", "sup_tasks", "--queues", f"{a},{b}", "--workers", "3", "--wait", "1")
+    pidfile = tmp_path / "master.pid"
+    sup = supervise(
+        "--app", "sup_tasks", "--queues", f"{a},{b}", "--workers", "3", "--wait", "1",
+        "--pidfile", str(pidfile),
+    )  # fmt: skip
     children = sup.wait_consuming({a: 3, b: 3})
+    assert pidfile.read_text().strip() == str(sup.pid)
     slots = {
         queue: sorted(slot for q, slot, _ in sup.children().values() if q == queue)
         for queue in (a, b)
@@ -276,6 +283,7 @@ def test_each_queue_gets_its_children(supervise: Any, broker: SQSBroker, unique_
 
     sup.signal(signal.SIGTERM)
     assert sup.wait_exit(15) == 0
+    assert not pidfile.exists()
 
 
 # -- 2. a child killed in the middle of a task ---------------------------------------------------
@@ -328,8 +336,8 @@ def test_frozen_child_is_killed_and_replaced(
 ) -> None:
     queue = create_queue(broker, unique_queue())
     sup = supervise(
-        "--app", "sup_tasks", "--queues", f"{queue}:2", "--wait", "1", "--heartbeat-timeout", "2"
-    )
+        "--app", "sup_tasks", "--queues", f"{queue}:2", "--wait", "1", EBSQS_HEARTBEAT_TIMEOUT="2"
+    )  # fmt: skip
     sup.wait_consuming({queue: 2})
     send(broker, queue, ["frozen"], seconds=20)
     victim = wait_until(lambda: [r.pid for r in sup.runs("start") if r.key == "frozen"], 15)[0]
@@ -417,13 +425,16 @@ def test_sigterm_drains_with_nothing_lost_or_run_twice(
 
 @fauxqs_env()
 @pytest.mark.timeout(60)
-def test_second_sigterm_stops_fast_and_releases_running_messages(
-    supervise: Any, broker: SQSBroker, unique_queue: Any
+@pytest.mark.parametrize("signals", [["SIGTERM", "SIGTERM"], ["SIGQUIT"]])
+def test_fast_stop_releases_running_messages(
+    supervise: Any, broker: SQSBroker, unique_queue: Any, signals: list[str]
 ) -> None:
+    """A second TERM (during a drain), or QUIT, stops at once: running tasks are abandoned and
+    their messages released for another worker, not lost."""
     queue = create_queue(broker, unique_queue())
     sup = supervise(
         "--app", "sup_tasks", "--queues", f"{queue}:2", "--wait", "1", "--graceful-timeout", "60"
-    )
+    )  # fmt: skip
     sup.wait_consuming({queue: 2})
     # One at a time: a child fetches up to ten messages, and would hold the second one back.
     keys = send(broker, queue, ["long0"], seconds=60)
@@ -431,9 +442,10 @@ def test_second_sigterm_stops_fast_and_releases_running_messages(
     keys += send(broker, queue, ["long1"], seconds=60)
     wait_until(lambda: len(sup.runs("start")) == 2, 15)
 
-    sup.signal(signal.SIGTERM)
-    wait_until(lambda: sup.events("drain_started"), 5)
-    sup.signal(signal.SIGTERM)
+    for number, name in enumerate(signals):
+        if number:
+            wait_until(lambda: sup.events("drain_started"), 5)
+        sup.signal(signal.Signals[name])
     assert sup.wait_exit(10) == 0
     assert sup.events("fast_stop_started")
     assert not sup.runs("done")
@@ -634,5 +646,26 @@ def test_max_tasks_per_child_recycles_without_losing_messages(
     assert max(per_child.values()) <= 55  # 50 plus the 10 % jitter
     wait_until(lambda: queue_empty(broker, queue), 10, message="the queue did not empty")
     assert not sup.events("child_killed")
+    sup.signal(signal.SIGTERM)
+    assert sup.wait_exit(15) == 0
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_max_memory_per_child_recycles_a_child_that_grew(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    # 1 MiB: any child that has run a task is over it (a fresh one is spared, or it would churn).
+    sup = supervise(
+        "--app", "sup_tasks", "--queues", f"{queue}:1", "--wait", "1",
+        "--max-memory-per-child", "1",
+    )  # fmt: skip
+    [first] = sup.wait_consuming({queue: 1})[queue]
+    send(broker, queue, ["grow"])
+    retired = wait_until(lambda: sup.events("child_retired"), 10)
+    assert retired[0]["pid"] == first and "MiB over 1 MiB" in retired[0]["reason"]
+    [second] = sup.wait_consuming({queue: 1})[queue]
+    assert second != first and sup.done_keys() == Counter(["grow"])
     sup.signal(signal.SIGTERM)
     assert sup.wait_exit(15) == 0

@@ -245,11 +245,13 @@ def test_a_retiring_child_gets_the_graceful_timeout_then_sigkill() -> None:
     assert w.exit(child, OK) is Verdict.EXPECTED
 
 
-def test_memory_hogs_are_recycled() -> None:
+def test_memory_hogs_are_recycled_once_they_ran_a_task() -> None:
     w = world({"a": 2}, max_memory_per_child=100)
     small, big = w.boot()
-    w.beat(small, rss=50 << 20)
+    w.beat(small, rss=50 << 20, done=3)
     w.beat(big, rss=101 << 20)
+    assert w.table.to_recycle() == []  # born over the limit: a replacement would be too
+    w.beat(big, rss=101 << 20, failed=1)
     [(found, reason)] = w.table.to_recycle()
     assert found is big and "101 MiB" in reason
 
