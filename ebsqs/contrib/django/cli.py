@@ -27,6 +27,8 @@ def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
 
     try:
         code = main.main(args=list(argv), prog_name=prog_name, standalone_mode=False)
+    except SystemExit as exc:  # commands that end with sys.exit(code): healthcheck, supervise
+        code = exc.code
     except click.exceptions.Abort:
         raise CommandError("Aborted.", returncode=EXIT_ERROR) from None
     except click.ClickException as exc:
@@ -36,9 +38,12 @@ def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
 
         returncode = EXIT_BOOT if isinstance(exc, AppImportError) else EXIT_ERROR
         raise CommandError(str(exc), returncode=returncode) from exc
-    if isinstance(code, int) and code != 0:
-        command = " ".join([prog_name, *argv[:1]])
+    if code is None or code == 0:
+        return
+    command = " ".join([prog_name, *argv[:1]])
+    if isinstance(code, int):
         raise CommandError(f"{command} exited with status {code}", returncode=code)
+    raise CommandError(f"{command}: {code}", returncode=EXIT_ERROR)
 
 
 def has_command(name: str) -> bool:

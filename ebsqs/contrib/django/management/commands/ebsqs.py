@@ -17,9 +17,6 @@ class Command(BaseCommand):
         "list`. `manage.py ebsqs` alone lists the commands; `manage.py ebsqs <command> --help` "
         "shows a command's options."
     )
-    # The ebsqs commands do their own checking, and `supervise` should not wait on checks that
-    # touch the database.
-    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
