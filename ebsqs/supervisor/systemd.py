@@ -13,9 +13,10 @@ The unit :func:`render_unit` writes uses ``KillMode=mixed``. DESIGN.md has child
 direct SIGTERM too, so the default ``KillMode=control-group`` also stops cleanly; ``mixed`` is
 still better: SIGTERM reaches the master only, which drains its children in order (stop
 receiving, release prefetched messages, finish running tasks, send ``EXTEND_TIMEOUT_USEC`` while
-that makes progress) instead of racing them, and a process executor's task processes are not
-killed mid-task by a signal aimed at the whole group. At ``TimeoutStopSec`` systemd still sends
-SIGKILL to every process left, so nothing outlives the unit.
+that makes progress) instead of racing them, and programs that tasks started (a subprocess a
+task waits on) are not stopped mid-task by a signal aimed at the whole group. At
+``TimeoutStopSec`` systemd still sends SIGKILL to every process left, so nothing outlives the
+unit.
 """
 
 from __future__ import annotations
