@@ -288,6 +288,9 @@ class Worker:
         return limit is not None and self._started >= limit
 
     def _receive(self) -> None:
+        # Finished messages awaiting deletion still hold receipts: delete them first, so the
+        # receipts held never exceed what can run plus one batch.
+        self._settler.flush_acks()
         queue = next(self._queues)
         room = self.executor.concurrency + MAX_BATCH - len(self._held)
         # Long-poll only when nothing runs: outcomes must not wait behind a 20-second poll.
