@@ -72,13 +72,19 @@ def _replace(envelope: Envelope, **changes: Any) -> Envelope:
     return Envelope(**values)
 
 
-def encode(envelope: Envelope, *, signing_key: str | None = None, legacy: bool = False) -> str:
+def encode(
+    envelope: Envelope,
+    *,
+    signing_key: str | None = None,
+    legacy: bool = False,
+    queue: str | None = None,
+) -> str:
     """The body for an envelope.
 
     Raises:
         SerializationError: an argument JSON cannot carry, named.
     """
-    payload = _legacy_payload(envelope) if legacy else _payload(envelope)
+    payload = _legacy_payload(envelope, queue) if legacy else _payload(envelope)
     try:
         text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -107,12 +113,20 @@ def _payload(envelope: Envelope) -> dict[str, Any]:
     return payload
 
 
-def _legacy_payload(envelope: Envelope) -> dict[str, Any]:
-    """django-eb-sqs's body. Its ``maxRetries`` counts attempts and ``retry`` counts from 0."""
+def _legacy_payload(envelope: Envelope, queue: str | None) -> dict[str, Any]:
+    """django-eb-sqs's body. Its ``maxRetries`` counts attempts and ``retry`` counts from 0.
+
+    ``queue`` is the logical (unprefixed) queue: a django-eb-sqs worker sends its retries there.
+    """
+    if envelope.due is not None:
+        raise SerializationError(
+            f"task {envelope.task!r}: django-eb-sqs bodies (legacy_producer) cannot carry a delay "
+            "over 15 minutes; turn legacy_producer off once no django-eb-sqs worker consumes"
+        )
     return {
         "id": envelope.id,
         "groupId": None,
-        "queue": None,
+        "queue": queue,
         "func": envelope.task,
         "args": list(envelope.args),
         "kwargs": dict(envelope.kwargs),

@@ -45,14 +45,13 @@ def send_calls(task: Task[Any, Any], calls: Sequence[Call], options: SendOptions
         from ebsqs.eager import run_eagerly
 
         return [run_eagerly(envelope, settings) for envelope in envelopes]
-    queue = settings.physical_queue(
-        _first(options.queue_name, task.queue_name, settings.default_queue)
-    )
+    logical = _first(options.queue_name, task.queue_name, settings.default_queue)
     broker = broker_for(settings.broker_url)
     messages = [
-        outgoing(envelope, due, settings, broker.max_body_bytes, options) for envelope in envelopes
+        outgoing(envelope, due, settings, broker.max_body_bytes, options, logical)
+        for envelope in envelopes
     ]
-    send_messages(broker, settings, queue, messages)
+    send_messages(broker, settings, settings.physical_queue(logical), messages)
     return [envelope.id for envelope in envelopes]
 
 
@@ -62,8 +61,11 @@ def outgoing(
     settings: Settings,
     limit: int,
     options: SendOptions | None = None,
+    queue: str | None = None,
 ) -> OutgoingMessage:
     """The broker message for an envelope due at ``due``, size-checked.
+
+    ``queue`` is the logical queue, written into django-eb-sqs bodies (``legacy_producer``).
 
     Delays past SQS's 15 minutes put the due time in the body and the longest delay SQS allows
     on the message; the worker sends it on again until it is due.
@@ -71,7 +73,9 @@ def outgoing(
     remaining = due - time.time()
     if remaining > MAX_DELAY_SECONDS:
         envelope = envelope.with_due(due)
-    body = encode(envelope, signing_key=settings.signing_key, legacy=settings.legacy_producer)
+    body = encode(
+        envelope, signing_key=settings.signing_key, legacy=settings.legacy_producer, queue=queue
+    )
     size = len(body.encode("utf-8"))
     if size > limit:
         raise MessageTooLargeError(size, limit, envelope.task)

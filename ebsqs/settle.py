@@ -117,7 +117,7 @@ class Settler:
         if delay is None:
             delay = (held.backoff or self.backoff).delay(envelope.attempt)
         try:
-            self._send(held.message.queue, envelope.next_attempt(None), time.time() + delay)
+            self._send(held, envelope.next_attempt(None), time.time() + delay)
         except EbsqsError as exc:
             log.error("retry_send_failed", error=str(exc), **fields)
             return False  # keep the message: it comes back after its visibility timeout
@@ -136,16 +136,18 @@ class Settler:
         """Send a not-yet-due message on with the rest of its delay, then delete the original."""
         assert envelope.due is not None
         try:
-            self._send(held.message.queue, envelope, envelope.due)
+            self._send(held, envelope, envelope.due)
         except EbsqsError as exc:
             log.error("delay_hop_failed", task_id=envelope.id, error=str(exc))
             return
         log.debug("task_delay_hopped", task_id=envelope.id, due=envelope.due)
         self.ack([held.message])
 
-    def _send(self, queue: str, envelope: Envelope, due: float) -> None:
-        message = outgoing(envelope, due, self.settings, self.broker.max_body_bytes)
-        send_messages(self.broker, self.settings, queue, [message])
+    def _send(self, held: Held, envelope: Envelope, due: float) -> None:
+        """Send ``envelope`` back to the queue ``held`` came from (retries, delay hops)."""
+        limit = self.broker.max_body_bytes
+        message = outgoing(envelope, due, self.settings, limit, queue=held.queue)
+        send_messages(self.broker, self.settings, held.message.queue, [message])
 
     def reject(self, held: Held, exc: EnvelopeError) -> None:
         """Dead-letter a message that must not run (undecodable, unknown task, bad signature).

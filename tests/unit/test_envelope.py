@@ -104,3 +104,10 @@ def test_legacy_producer_writes_what_django_eb_sqs_reads() -> None:
     body = json.loads(encode(Envelope(task="m.f", args=(1,), max_retries=2), legacy=True))
     assert body["func"] == "m.f" and body["maxRetries"] == 3 and body["retry"] == 0
     assert decode(json.dumps(body)).max_retries == 2
+
+
+def test_legacy_bodies_name_their_logical_queue_and_refuse_long_delays() -> None:
+    body = json.loads(encode(Envelope(task="m.f"), legacy=True, queue="emails"))
+    assert body["queue"] == "emails"
+    with pytest.raises(SerializationError, match="15 minutes"):
+        encode(Envelope(task="m.f", due=1e10), legacy=True, queue="emails")
