@@ -127,12 +127,20 @@ class Supervisor:
         return {c["pid"]: c for c in children if c["phase"] == phase}
 
     def wait_running(self, count: int, timeout: float = 20) -> dict[int, dict[str, Any]]:
-        return wait_until(
-            lambda: (c := self.children()) and len(c) == count and c,
+        """Wait until exactly ``count`` children consume; return them by pid."""
+
+        def enough() -> dict[int, dict[str, Any]] | None:
+            children = self.children()
+            return children if len(children) == count else None
+
+        found = wait_until(
+            enough,
             timeout,
             interval=0.05,
             message=lambda: f"status: {self.status()}\n{self.describe()}",
         )
+        assert found is not None
+        return found
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         found = []
@@ -291,6 +299,7 @@ def test_status_shows_children_per_queue_and_what_they_run(
         return view if len(busy) == 2 else None
 
     view = wait_until(both_busy, 20, interval=0.2, message=lambda: f"{sup.status()}")
+    assert view is not None
     by_queue: dict[str, list[dict[str, Any]]] = {}
     for child in view["children"]:
         by_queue.setdefault(child["queue"], []).append(child)
@@ -333,8 +342,8 @@ def test_healthcheck_is_healthy_while_idle_and_not_after_the_master_dies(
     wait_until(lambda: ebsqs("healthcheck", env=env).returncode == 0, 20, message=sup.describe)
     # Still healthy several status rewrites later, with nothing to do (past the stale limit
     # of half the heartbeat timeout).
-    written = sup.status()["written_at"]  # type: ignore[index]
-    wait_until(lambda: sup.status()["written_at"] > written + 2.5, 10)  # type: ignore[index]
+    written = sup.status()["written_at"]
+    wait_until(lambda: sup.status()["written_at"] > written + 2.5, 10)
     healthy = ebsqs("healthcheck", env=env)
     assert (healthy.returncode, healthy.stdout) == (0, f"healthy: master {sup.pid}\n")
 
