@@ -13,6 +13,7 @@ sent, or its dead-letter copy was sent. Messages fetched but not started are rel
 
 from __future__ import annotations
 
+import contextvars
 import enum
 import threading
 import time
@@ -45,8 +46,11 @@ class FastStop(BaseException):
     """Raised in the loop's thread by a second stop signal: abandon work and exit now."""
 
 
-class _ReceiveInterrupted(Exception):
-    """Raised by a stop signal that arrives during a long poll, so the worker need not wait."""
+class _ReceiveInterrupted(BaseException):
+    """Raised by a stop signal that arrives during a long poll, so the worker need not wait.
+
+    A BaseException, because botocore retries a request that raised an ordinary Exception.
+    """
 
 
 class WorkerState(enum.StrEnum):
@@ -176,7 +180,12 @@ class Worker:
         for queue in self.options.queues:
             self._check_queue(queue)
         self.executor.start()
-        self._keeper = threading.Thread(target=self._keep, name="ebsqs-keeper", daemon=True)
+        # The keeper runs in a copy of this thread's context, so its log lines carry the same
+        # bound values (role, queue, slot, pid) as the loop's.
+        context = contextvars.copy_context()
+        self._keeper = threading.Thread(
+            target=context.run, args=(self._keep,), name="ebsqs-keeper", daemon=True
+        )
         self._keeper.start()
         self.state = WorkerState.IDLE
         log.info("worker_started", queues=list(self.options.queues))

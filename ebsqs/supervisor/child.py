@@ -46,10 +46,6 @@ BOOT_ERRORS = (ConfigurationError, QueueDoesNotExist)
 _MASTER_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 
 
-class PollInterrupted(BaseException):
-    """Raised by the stop signal's handler to end a long poll at once (see ``on_term``)."""
-
-
 @dataclass(frozen=True, slots=True)
 class ChildSpec:
     """Who a child is: its queue and slot, its generation, and its limits.
@@ -191,8 +187,7 @@ class Child:
         assert worker is not None
         try:
             while not worker.stopping:
-                with contextlib.suppress(PollInterrupted):  # stopping: the loop ends
-                    worker.loop_once()
+                worker.loop_once()
             # Leave a second of the master's graceful timeout to release what is left.
             worker.drain(time.monotonic() + max(self.config.graceful_timeout - 1, 0))
         except FastStop:
@@ -269,15 +264,7 @@ class Child:
         def on_term(signum: int, frame: FrameType | None) -> None:
             if worker.stopping and os.getppid() != master_pid:
                 return  # the master died: the parent-death signal must not escalate a drain
-            try:
-                worker.on_stop_signal(signum)
-            except FastStop:
-                raise
-            except Exception as exc:
-                # The worker cuts a long poll short by raising an Exception from here, but
-                # botocore catches every Exception raised inside a request and retries it, so
-                # the poll would run to its end (up to 20 s). Only a BaseException gets out.
-                raise PollInterrupted() from exc
+            worker.on_stop_signal(signum)  # cuts a long poll short; a second TERM: FastStop
 
         def on_quit(signum: int, frame: FrameType | None) -> None:
             worker.stop()

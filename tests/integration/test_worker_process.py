@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -256,3 +257,19 @@ def test_sigterm_finishes_the_running_task_and_releases_prefetched_messages(
     assert len(worker.events("task_succeeded")) == 1
     released = worker.events("messages_released")
     assert sum(e["count"] for e in released if e["reason"] == "draining") == 5, released
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["fauxqs", "sqlite"], indirect=True)
+def test_sigterm_cuts_an_idle_20_second_long_poll_short(
+    backend: Backend, unique_queue: Callable[..., str]
+) -> None:
+    queue = unique_queue()
+    backend.create(queue)
+    with backend.worker(queue, "--wait", "20") as worker:
+        wait_until(lambda: worker.events("worker_started"), timeout=20, message=worker.describe)
+        started = time.monotonic()
+        code = worker.stop(timeout=15)
+        took = time.monotonic() - started
+    assert code == 0, worker.describe()
+    assert took < 3, f"an idle worker took {took:.1f} s to stop"
