@@ -66,4 +66,9 @@ def _library_dirs() -> tuple[str, ...]:
 
 def _is_app_code(module: ModuleType, libraries: tuple[str, ...]) -> bool:
     path = getattr(module, "__file__", None)
-    return isinstance(path, str) and not os.path.realpath(path).startswith(libraries)
+    if isinstance(path, str):
+        return not os.path.realpath(path).startswith(libraries)
+    # A namespace package (no __init__.py) has no file, only locations. Keeping one of the app's
+    # while dropping its parent would leave sys.modules with a child whose parent is gone.
+    locations = [str(p) for p in getattr(module, "__path__", None) or ()]
+    return bool(locations) and not any(os.path.realpath(p).startswith(libraries) for p in locations)
