@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from ebsqs import log
 from ebsqs.brokers import from_url
 from ebsqs.config import load_settings
 from examples.tasks import build_report, send_email
@@ -23,6 +24,7 @@ TIMEOUT = 120
 
 
 def main() -> int:
+    log.configure("console", "warning")
     os.environ["EBSQS_BROKER_URL"] = BROKER
     Path(".ebsqs-example.sqlite3").unlink(missing_ok=True)
     send_email.delay_many(
