@@ -89,7 +89,7 @@ def worker_options(fn: F) -> F:
                 envvar="EBSQS_EXECUTOR",
                 default="inline",
                 show_default=True,
-                help="inline, thread, process, asyncio or a registered plugin [env EBSQS_EXECUTOR].",
+                help="inline, thread, process, asyncio or a plugin [env EBSQS_EXECUTOR].",
             ),
             click.option(
                 "--concurrency",
