@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from ebsqs.execution import Job, Outcome, OutcomeKind, failure, run_job, run_job_async
+from ebsqs.executors.base import take_outcomes
 from ebsqs.registry import TaskRegistry, registry
 
 log = structlog.get_logger(__name__)
@@ -102,17 +103,7 @@ class AsyncioExecutor:
 
     def collect(self, timeout: float) -> list[Outcome]:
         """Finished outcomes, waiting up to ``timeout`` seconds for the first one."""
-        done: list[Outcome] = []
-        if timeout > 0:
-            try:
-                done.append(self._outcomes.get(timeout=timeout))
-            except queue.Empty:
-                return done
-        while True:
-            try:
-                done.append(self._outcomes.get_nowait())
-            except queue.Empty:
-                return done
+        return take_outcomes(self._outcomes, timeout)
 
     def stop_overdue(self, now: float) -> list[Outcome]:
         """Cancel coroutines past their hard limit; their TIMED_OUT outcomes come via collect."""

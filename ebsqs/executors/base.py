@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 from typing import Protocol, runtime_checkable
 
 from ebsqs.execution import Job, Outcome
@@ -52,3 +53,21 @@ class Executor(Protocol):
         Returns the outcomes not yet collected; stopped jobs come back as INTERRUPTED.
         """
         ...
+
+
+def take_outcomes(outcomes: queue.SimpleQueue[Outcome], timeout: float) -> list[Outcome]:
+    """Every outcome waiting in ``outcomes``, waiting up to ``timeout`` s for the first one.
+
+    The ``collect`` of executors whose jobs finish on other threads.
+    """
+    done: list[Outcome] = []
+    if timeout > 0:
+        try:
+            done.append(outcomes.get(timeout=timeout))
+        except queue.Empty:
+            return done
+    while True:
+        try:
+            done.append(outcomes.get_nowait())
+        except queue.Empty:
+            return done

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import structlog
 
 from ebsqs.execution import Job, Outcome, OutcomeKind, failure, run_job
+from ebsqs.executors.base import take_outcomes
 from ebsqs.registry import TaskRegistry, registry
 
 log = structlog.get_logger(__name__)
@@ -89,17 +90,7 @@ class ThreadExecutor:
 
     def collect(self, timeout: float) -> list[Outcome]:
         """Finished outcomes, waiting up to ``timeout`` seconds for the first one."""
-        done: list[Outcome] = []
-        if timeout > 0:
-            try:
-                done.append(self._outcomes.get(timeout=timeout))
-            except queue.Empty:
-                return done
-        while True:
-            try:
-                done.append(self._outcomes.get_nowait())
-            except queue.Empty:
-                return done
+        return take_outcomes(self._outcomes, timeout)
 
     def stop_overdue(self, now: float) -> list[Outcome]:
         """Threads cannot be stopped: the supervisor replaces the process past a deadline."""
