@@ -23,7 +23,7 @@ from ebsqs.envelope import Envelope
 from ebsqs.errors import EbsqsError
 from ebsqs.producer import ensure_queue, outgoing, send_messages
 from ebsqs.registry import registry
-from ebsqs.worker import FastStop, Worker, WorkerOptions
+from ebsqs.worker import EXIT_OVERRUN, FastStop, Worker, WorkerOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -107,6 +107,19 @@ def worker_options(fn: F) -> F:
                 help="Long-poll seconds per receive (default 20).",
             ),
             click.option(
+                "--time-limit",
+                envvar="EBSQS_TIME_LIMIT",
+                default=None,
+                help="Hard limit of tasks that set none: seconds, or per queue "
+                "(emails=60,reports=600,*=3600) [env EBSQS_TIME_LIMIT].",
+            ),
+            click.option(
+                "--soft-time-limit",
+                envvar="EBSQS_SOFT_TIME_LIMIT",
+                default=None,
+                help="Soft limit of tasks that set none, in the same form.",
+            ),
+            click.option(
                 "--visibility-timeout",
                 envvar="EBSQS_VISIBILITY_TIMEOUT",
                 type=click.IntRange(1, 43200),
@@ -168,6 +181,8 @@ def worker(
     executor: str,
     concurrency: int,
     wait: int | None,
+    time_limit: str | None,
+    soft_time_limit: str | None,
     visibility_timeout: int | None,
     max_tasks: int | None,
     log_format: log.LogFormat,
@@ -179,7 +194,13 @@ def worker(
     a second one stops at once.
     """
     log.configure(log_format, log_level, role="worker")
-    settings = settings_from(broker, wait_seconds=wait, visibility_timeout=visibility_timeout)
+    settings = settings_from(
+        broker,
+        wait_seconds=wait,
+        visibility_timeout=visibility_timeout,
+        time_limit=time_limit,
+        soft_time_limit=soft_time_limit,
+    )
     load_app(split_list(apps))
     names = split_list(queues)
     if not names:
@@ -201,6 +222,8 @@ def worker(
         the_worker.run()
     except FastStop:
         sys.exit(EXIT_ERROR)
+    if the_worker.overran:
+        sys.exit(EXIT_OVERRUN)
 
 
 def install_stop_signals(the_worker: Worker) -> None:
@@ -288,6 +311,8 @@ def supervise(
     executor: str,
     concurrency: int,
     wait: int | None,
+    time_limit: str | None,
+    soft_time_limit: str | None,
     visibility_timeout: int | None,
     workers: int | None,
     graceful_timeout: float,
@@ -310,7 +335,13 @@ def supervise(
     from ebsqs import supervisor  # here: the other commands need not import the supervisor
 
     log.configure(log_format, log_level, role="master")
-    settings = settings_from(broker, wait_seconds=wait, visibility_timeout=visibility_timeout)
+    settings = settings_from(
+        broker,
+        wait_seconds=wait,
+        visibility_timeout=visibility_timeout,
+        time_limit=time_limit,
+        soft_time_limit=soft_time_limit,
+    )
     try:
         specs = supervisor.parse_queues(queues, workers or supervisor.DEFAULT_WORKERS)
     except EbsqsError as exc:

@@ -8,6 +8,7 @@ variables, then explicit overrides (CLI flags).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -46,6 +47,9 @@ class Settings:
         log_arguments: include task arguments in log lines (off: they may hold personal data).
         backoff_base: first retry delay in seconds (doubled each attempt, full jitter).
         backoff_cap: the longest retry delay in seconds.
+        time_limit: default hard limit of tasks that set none: seconds (``"300"``), or per
+            queue (``"emails=60,reports=600"``; ``*=`` for the other queues); empty for none.
+        soft_time_limit: default soft limit, in the same form.
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -65,6 +69,18 @@ class Settings:
     log_arguments: bool = False
     backoff_base: float = 1.0
     backoff_cap: float = 3600.0
+    time_limit: str = ""
+    soft_time_limit: str = ""
+
+    def __post_init__(self) -> None:
+        queue_limits(self.time_limit, "time_limit")
+        queue_limits(self.soft_time_limit, "soft_time_limit")
+
+    def time_limits_for(self, queue: str) -> tuple[float | None, float | None]:
+        """The default (hard, soft) time limits of tasks from a logical queue."""
+        hard = queue_limits(self.time_limit, "time_limit")
+        soft = queue_limits(self.soft_time_limit, "soft_time_limit")
+        return hard.get(queue, hard.get("*")), soft.get(queue, soft.get("*"))
 
     def physical_queue(self, queue: str) -> str:
         """The broker-side name of a logical queue: the prefix, applied exactly once here."""
@@ -83,6 +99,28 @@ class Settings:
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (unknown names are an error)."""
         return dataclasses.replace(self, **_coerce_all(changes, origin="override"))
+
+
+@functools.cache
+def queue_limits(spec: str, name: str = "time limit") -> dict[str, float]:
+    """``"300"`` as ``{"*": 300.0}``; ``"a=60, b=600"`` as ``{"a": 60.0, "b": 600.0}``.
+
+    Raises:
+        ConfigurationError: a part is not ``seconds`` or ``queue=seconds`` with seconds > 0.
+    """
+    limits: dict[str, float] = {}  # cached: callers must not change it
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        queue, _, seconds = part.rpartition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = 0.0
+        if value <= 0:
+            raise ConfigurationError(
+                f"{name} {spec!r}: use seconds (300) or queue=seconds pairs (emails=60,*=600)"
+            )
+        limits[queue.strip() or "*"] = value
+    return limits
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import os
+import sys
 import threading
 import time
 from collections import deque
@@ -29,7 +31,7 @@ from ebsqs.brokers import MAX_BATCH, Broker, ReceivedMessage
 from ebsqs.config import Settings
 from ebsqs.envelope import Envelope, decode
 from ebsqs.errors import BrokerError, EnvelopeError, QueueDoesNotExist
-from ebsqs.execution import Job, Outcome
+from ebsqs.execution import Job, Outcome, OutcomeKind
 from ebsqs.executors.base import Executor
 from ebsqs.producer import ensure_queue
 from ebsqs.registry import TaskRegistry, registry
@@ -40,6 +42,10 @@ log = structlog.get_logger(__name__)
 
 #: Seconds between keeper passes (heartbeat and visibility extension).
 KEEPER_INTERVAL = 1.0
+
+#: The exit code of a worker process whose task overran a hard limit its executor cannot
+#: enforce (inline, thread): the task's message was settled, and the process must be replaced.
+EXIT_OVERRUN = 4
 
 
 class FastStop(BaseException):
@@ -166,6 +172,8 @@ class Worker:
         self._receiving = False
         self._started = 0
         self._backlog = False
+        #: A task overran a hard limit the executor could not enforce: exit with EXIT_OVERRUN.
+        self.overran = False
         self._keeper_stop = threading.Event()
         self._keeper: threading.Thread | None = None
         self._queues = cycle(options.queues)
@@ -350,12 +358,13 @@ class Worker:
         if envelope.due is not None and envelope.due > time.time() + 1:
             self._settler.hop(held, envelope)
             return
+        hard, soft = self.settings.time_limits_for(held.queue)
         held.job = Job(
             key=held.message.message_id,
             envelope=envelope,
             queue=held.queue,
-            time_limit=task.time_limit,
-            soft_time_limit=task.soft_time_limit,
+            time_limit=task.time_limit if task.time_limit is not None else hard,
+            soft_time_limit=task.soft_time_limit if task.soft_time_limit is not None else soft,
         )
         with self._lock:
             self._held[held.message.message_id] = held
@@ -396,14 +405,79 @@ class Worker:
 
     def _keep(self) -> None:
         """Beside the loop: extend visibility and send heartbeats until the worker stops."""
-        while not self._keeper_stop.wait(KEEPER_INTERVAL):
+        while not self._keeper_stop.wait(self._keeper_wait()):
             try:
+                self._settle_overruns()
                 self._settler.flush_acks(older_than=KEEPER_INTERVAL)
                 self._extend_visibility()
                 if self.options.heartbeat is not None:
                     self.options.heartbeat(self.status())
             except Exception as exc:  # noqa: BLE001 - the keeper must outlive one bad pass
                 log.error("keeper_failed", error=repr(exc))
+
+    def _keeper_wait(self) -> float:
+        """Until the next pass: a second, or sooner when a running task's hard limit falls."""
+        with self._lock:
+            deadlines = [h.deadline for h in self._held.values() if h.deadline is not None]
+        soonest = min(deadlines, default=None)
+        if soonest is None:
+            return KEEPER_INTERVAL
+        return min(KEEPER_INTERVAL, max(soonest - time.time(), 0.0) + 0.05)
+
+    def _settle_overruns(self) -> None:
+        """Keeper side: tasks past a hard limit their executor cannot enforce.
+
+        Inline and thread executors cannot stop a task. The keeper settles its message as
+        TIMED_OUT (a retry or a dead letter, per the task's policy), then ends this process,
+        which the supervisor replaces: at once for inline (the loop's thread is the runaway), by
+        a drain for thread (other threads' tasks may finish; the runaway dies with the process).
+        """
+        if getattr(self.executor, "stops_overdue", False):
+            return
+        now = time.time()
+        with self._lock:
+            overrun = [
+                h
+                for h in self._held.values()
+                if h.deadline is not None and h.started_at is not None and now > h.deadline
+            ]
+        if not overrun:
+            return
+        for held in overrun:
+            assert held.job is not None and held.started_at is not None
+            log.error(
+                "task_overran",
+                task=held.job.envelope.task,
+                task_id=held.job.envelope.id,
+                time_limit=held.job.time_limit,
+                duration=round(now - held.started_at, 3),
+            )
+        self._settle(
+            [
+                Outcome(
+                    h.message.message_id,
+                    OutcomeKind.TIMED_OUT,
+                    now - (h.started_at or now),
+                    error=f"ran past its hard time limit of {h.job.time_limit if h.job else '?'} s",
+                )
+                for h in overrun
+            ]
+        )
+        self._exit_after_overrun()
+
+    def _exit_after_overrun(self) -> None:
+        """Replace this process: the runaway task cannot be stopped inside it."""
+        self.overran = True
+        self.stop()
+        if not getattr(self.executor, "runs_in_loop_thread", False):
+            return  # the loop is free: it drains the other tasks, then the process ends
+        # The loop's own thread runs the task: release what waits, delete what is done, leave.
+        self._release(list(self._pending), reason="task overran its hard limit")
+        self._pending.clear()
+        self._settler.flush_acks()
+        log.critical("worker_exited_after_overrun", exit_code=EXIT_OVERRUN)
+        sys.stderr.flush()
+        os._exit(EXIT_OVERRUN)
 
     def _extend_visibility(self) -> None:
         now = time.time()

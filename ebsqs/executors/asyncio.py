@@ -55,6 +55,8 @@ class _Running:
 class AsyncioExecutor:
     """Runs up to ``concurrency`` jobs at once on one event loop in a dedicated thread."""
 
+    stops_overdue = True
+
     def __init__(self, concurrency: int = 1, registry: TaskRegistry = registry) -> None:
         self.concurrency = concurrency
         self._registry = registry

@@ -19,6 +19,11 @@ class Executor(Protocol):
     #: How many jobs may run at once.
     concurrency: int
 
+    # Optional class attributes the worker reads with getattr (default False):
+    # ``stops_overdue``: stop_overdue() really stops jobs past their hard limit (process,
+    # asyncio); otherwise the worker settles an overrun job itself and replaces its process.
+    # ``runs_in_loop_thread``: jobs run in the worker loop's own thread (inline).
+
     def start(self) -> None:
         """Create pools and threads (in the worker's own process, after any fork)."""
         ...

@@ -18,6 +18,8 @@ class InlineExecutor:
     supervisor replaces the whole child.
     """
 
+    runs_in_loop_thread = True
+
     def __init__(self, concurrency: int = 1, registry: TaskRegistry = registry) -> None:
         self.concurrency = 1
         self._registry = registry

@@ -133,6 +133,8 @@ class _Slot:
 class ProcessExecutor:
     """Runs up to ``concurrency`` jobs at once, each in a pool process it can kill."""
 
+    stops_overdue = True
+
     def __init__(self, concurrency: int = 1, registry: TaskRegistry = registry) -> None:
         self.concurrency = concurrency
         self._registry = registry

@@ -197,7 +197,7 @@ class Child:
         except Exception as exc:  # log it here; the master restarts the slot
             logger.exception("child_crashed", error=repr(exc))
             return ExitCode.ERROR
-        return ExitCode.OK
+        return ExitCode.OVERRUN if worker.overran else ExitCode.OK
 
     def shutdown(self) -> None:
         """Child side: a last heartbeat (final counters), then close the broker and the pipe."""

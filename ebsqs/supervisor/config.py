@@ -12,6 +12,7 @@ from ebsqs.backoff import Backoff
 from ebsqs.config import Settings
 from ebsqs.errors import ConfigurationError
 from ebsqs.log import LogFormat
+from ebsqs.worker import EXIT_OVERRUN
 
 #: Children per queue when neither ``--workers`` nor ``queue:N`` says: two, so one child can be
 #: replaced (HUP, recycling, a crash) while the other keeps the queue moving, and the default
@@ -31,6 +32,7 @@ class ExitCode(enum.IntEnum):
     ERROR = 1
     USAGE = 2
     BOOT = 3
+    OVERRUN = EXIT_OVERRUN  # a task overran its hard limit; the child was replaced
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ children consume one queue at once, so these run on fauxqs (see ``TESTING.md``).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import itertools
 import json
 import os
@@ -363,22 +364,50 @@ def test_frozen_child_is_killed_and_replaced(
 
 @fauxqs_env()
 @pytest.mark.timeout(60)
-def test_child_past_its_task_hard_limit_is_killed(
+def test_an_inline_task_past_its_hard_limit_is_stopped_and_follows_its_retry_policy(
     supervise: Any, broker: SQSBroker, unique_queue: Any
 ) -> None:
     queue = create_queue(broker, unique_queue())
     sup = supervise("--app", "sup_tasks", "--queues", f"{queue}:1", "--wait", "1")
     sup.wait_consuming({queue: 1})
-    send(broker, queue, ["overrun"], task="sup_tasks.overrun", seconds=30)
-    [start] = wait_until(lambda: sup.runs("start"), 15)
+    # `while True: pass` with time_limit=2 and one retry, then ordinary work behind it.
+    body = encode(Envelope(task="sup_tasks.spin", args=("spin",), max_retries=1))
+    broker.send(queue, OutgoingMessage(body))
+    send(broker, queue, [f"after-{i}" for i in range(5)])
 
-    # Its heartbeats keep coming (a keeper thread sends them), but the task's 1-second hard
-    # limit passes; the inline executor cannot stop it, so the master kills the child.
-    killed = wait_until(lambda: sup.events("child_killed"), 1 + 3 + 3)
-    assert killed[0]["pid"] == start.pid and "past its hard limit" in killed[0]["reason"]
-    assert killed[0]["task"] == "sup_tasks.overrun"
+    # Both attempts are stopped; each child is gone within 3 s of its task's start.
+    spins = wait_until(
+        lambda: len(found := [r for r in sup.runs("start") if r.key == "spin"]) >= 2 and found,
+        20,
+    )
+    assert [run.attempt for run in spins] == [1, 2]
+    exits = wait_until(
+        lambda: (
+            (found := {e["pid"]: e for e in sup.events("child_exited")}).keys()
+            >= {run.pid for run in spins}
+            and found
+        ),
+        10,
+    )
+    overran = {event["task_id"]: event for event in sup.events("task_overran")}
+    assert len(overran) == 1 and len(sup.events("task_overran")) == 2
+    for run in spins:
+        assert exits[run.pid]["exit_code"] == 4
+    ends = [event for event in sup.events("worker_exited_after_overrun")]
+    assert len(ends) == 2
+    for run, end in zip(spins, ends, strict=True):
+        assert _timestamp(end) - run.at < 3.0, "the runaway task was not stopped within 3 s"
+
+    # Retried once, then dead-lettered as timed out; the pool kept serving the rest.
+    wait_until(lambda: {r.key for r in sup.runs()} >= {f"after-{i}" for i in range(5)}, 20)
+    [letter] = wait_until(lambda: broker.receive(f"{queue}-dlq", 10, 1), 10)
+    assert letter.attributes["ebsqs-error-type"] == "timed_out"
+    assert letter.attributes["ebsqs-attempts"] == "2"
     sup.wait_consuming({queue: 1})
-    assert start.pid not in sup.children()
+
+
+def _timestamp(event: dict[str, Any]) -> float:
+    return dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 # -- 4. graceful drain ---------------------------------------------------------------------------

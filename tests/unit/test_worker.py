@@ -259,3 +259,71 @@ def test_the_keeper_flushes_deletes_that_waited_a_second(
     worker._settler._oldest_ack -= 5
     worker._settler.flush_acks(older_than=1.0)
     assert broker.stats("q").in_flight == 0
+
+
+def test_default_time_limits_apply_per_queue_to_tasks_that_set_none(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    task(name="free", registry=reg)(lambda: None)
+    task(name="own", registry=reg, time_limit=5)(lambda: None)
+    put(broker, body("free"), body("own"))
+    settings = Settings(broker_url="memory://unused", time_limit="q=60,*=600", soft_time_limit="50")
+    worker = Worker(
+        broker,
+        settings,
+        InlineExecutor(registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=0),
+        registry=reg,
+    )
+    worker.start()
+    worker._receive()
+    limits = {
+        h.job.envelope.task: (h.job.time_limit, h.job.soft_time_limit)
+        for h in worker._pending
+        if h.job
+    }
+    assert limits == {"free": (60.0, 50.0), "own": (5, 50.0)}
+    assert settings.time_limits_for("other") == (600.0, 50.0)
+
+
+@pytest.mark.parametrize("spec", ["abc", "q=", "q=-1", "0"])
+def test_bad_time_limit_specs_are_configuration_errors(spec: str) -> None:
+    from ebsqs.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="queue=seconds"):
+        Settings(time_limit=spec)
+
+
+@pytest.mark.timeout(20)
+def test_keeper_settles_a_thread_task_past_its_hard_limit_and_stops_the_worker(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    import threading
+
+    from ebsqs.executors.thread import ThreadExecutor
+
+    release = threading.Event()
+    task(name="stuck", registry=reg, time_limit=0.3)(lambda: release.wait(10))
+    task(name="ok", registry=reg)(lambda: runs.append(("ok", None)))
+    put(broker, body("stuck"), body("ok"))
+    settings = Settings(broker_url="memory://unused")
+    worker = Worker(
+        broker,
+        settings,
+        ThreadExecutor(concurrency=2, registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=0),
+        registry=reg,
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not worker.overran and time.monotonic() < deadline:
+            worker.loop_once()
+        assert worker.overran and worker.stopping
+        [letter] = dead_letters(broker)
+        assert letter["ebsqs-error-type"] == "timed_out" and letter["ebsqs-task"] == "stuck"
+        assert runs == [("ok", None)]
+    finally:
+        release.set()
+        worker.drain(time.monotonic() + 5)
+    assert broker.stats("q").visible == broker.stats("q").in_flight == 0
