@@ -21,7 +21,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from ebsqs import hooks
-from ebsqs.context import TaskContext, activated
+from ebsqs.context import TaskContext, activated, enter, leave
 from ebsqs.envelope import Envelope
 from ebsqs.errors import MaxRetriesReachedException, Retry, SoftTimeLimitExceeded
 from ebsqs.registry import TaskRegistry
@@ -105,14 +105,18 @@ def run_job(
     started = time.monotonic()
     hooks.fire("task_started", job)
     outcome = Outcome(job.key, OutcomeKind.FAILED)
+    limit = job.soft_time_limit if soft_limit else None
     try:
-        with (
-            activated(_context(job, deadline)),
-            soft_time_limit(job.soft_time_limit if soft_limit else None),
-        ):
-            result = task.fn(*envelope.args, **envelope.kwargs)
-            if inspect.isawaitable(result):
-                asyncio.run(_awaited(result))
+        # enter/leave rather than context managers: this is the per-task hot path.
+        token = enter(_context(job, deadline))
+        try:
+            if limit:
+                with soft_time_limit(limit):
+                    _call(task, envelope)
+            else:
+                _call(task, envelope)
+        finally:
+            leave(token)
         outcome = Outcome(job.key, OutcomeKind.SUCCEEDED, time.monotonic() - started)
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - a task's failure is data here
         outcome = describe(job.key, task, exc, time.monotonic() - started)
@@ -151,6 +155,12 @@ async def run_job_async(job: Job, registry: TaskRegistry, deadline: float | None
     finally:
         hooks.fire("task_finished", job, outcome)
     return outcome
+
+
+def _call(task: Task[Any, Any], envelope: Envelope) -> None:
+    result = task.fn(*envelope.args, **envelope.kwargs)
+    if inspect.isawaitable(result):
+        asyncio.run(_awaited(result))
 
 
 def _context(job: Job, deadline: float | None) -> TaskContext:

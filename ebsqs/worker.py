@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import enum
+import logging
 import os
 import sys
 import threading
@@ -188,6 +189,7 @@ class Worker:
         for queue in self.options.queues:
             self._check_queue(queue)
         self.executor.start()
+        self._settler.log_successes = log.is_enabled_for(logging.INFO)
         # The keeper runs in a copy of this thread's context, so its log lines carry the same
         # bound values (role, queue, slot, pid) as the loop's.
         context = contextvars.copy_context()
@@ -321,6 +323,7 @@ class Worker:
                     min(room, MAX_BATCH),
                     wait_seconds=max(min(wait, 20), 0),
                     visibility_timeout=self.options.visibility_timeout,
+                    metadata=False,
                 )
             finally:
                 self._receiving = False
@@ -382,7 +385,8 @@ class Worker:
                 held.deadline = held.started_at + held.job.time_limit
             self.state = WorkerState.BUSY
             self.executor.submit(held.job)
-            # Inline jobs finish inside submit(): settle them now so acks don't wait.
+            # Inline jobs finish inside submit(): settle each at once, so a crash later in the
+            # batch never repeats finished work (the deletes still go out ten at a time).
             self._settle(self.executor.collect(0))
 
     def _settle(self, outcomes: Sequence[Outcome]) -> None:

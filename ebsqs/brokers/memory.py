@@ -128,6 +128,8 @@ class MemoryBroker:
         max_messages: int,
         wait_seconds: float,
         visibility_timeout: int | None = None,
+        *,
+        metadata: bool = True,
     ) -> list[ReceivedMessage]:
         check_receive(max_messages, wait_seconds, visibility_timeout)
         deadline = time.monotonic() + wait_seconds

@@ -485,6 +485,8 @@ class SQLiteBroker:
         max_messages: int,
         wait_seconds: float,
         visibility_timeout: int | None = None,
+        *,
+        metadata: bool = True,
     ) -> list[ReceivedMessage]:
         """Receive up to ``max_messages``, polling up to ``wait_seconds`` for the first one.
 

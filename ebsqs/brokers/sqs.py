@@ -326,6 +326,8 @@ class SQSBroker:
         max_messages: int,
         wait_seconds: float,
         visibility_timeout: int | None = None,
+        *,
+        metadata: bool = True,
     ) -> list[ReceivedMessage]:
         """Receive up to ``max_messages`` (1..10), long-polling up to ``wait_seconds``.
 
@@ -336,9 +338,10 @@ class SQSBroker:
             "QueueUrl": self._url(queue),
             "MaxNumberOfMessages": max_messages,
             "WaitTimeSeconds": int(wait_seconds),
-            "MessageAttributeNames": ["All"],
-            "MessageSystemAttributeNames": ["ApproximateReceiveCount", "SentTimestamp"],
         }
+        if metadata:
+            request["MessageAttributeNames"] = ["All"]
+            request["MessageSystemAttributeNames"] = ["ApproximateReceiveCount", "SentTimestamp"]
         if visibility_timeout is not None:
             request["VisibilityTimeout"] = visibility_timeout
         response = self._call(queue, lambda c: c.receive_message(**request))

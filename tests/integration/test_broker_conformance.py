@@ -124,6 +124,18 @@ def test_round_trip_keeps_body_attributes_and_ids(broker: Broker, queue: str) ->
 
 
 @pytest.mark.timeout(30)
+def test_receive_without_metadata_still_hands_out_acknowledgeable_messages(
+    broker: Broker, queue: str
+) -> None:
+    message_id = broker.send(queue, OutgoingMessage("body", attributes={"a": "b"}))
+    [received] = broker.receive(queue, 10, 2, metadata=False)
+
+    assert (received.message_id, received.body) == (message_id, "body")
+    assert broker.ack([received]) == {}
+    assert broker.stats(queue).in_flight + broker.stats(queue).visible == 0
+
+
+@pytest.mark.timeout(30)
 def test_characters_outside_the_bmp_round_trip(
     broker: Broker, broker_kind: str, queue: str, request: pytest.FixtureRequest
 ) -> None:
