@@ -23,6 +23,9 @@ from ebsqs.errors import EnvelopeError, SerializationError
 
 VERSION = 1
 
+#: One encoder for every body: json.dumps with options builds a new encoder on each call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
 
 @dataclass(frozen=True, slots=True)
 class Envelope:
@@ -86,12 +89,12 @@ def encode(
     """
     payload = _legacy_payload(envelope, queue) if legacy else _payload(envelope)
     try:
-        text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(payload)
     except (TypeError, ValueError) as exc:
         raise _explain(envelope, exc) from None
     if signing_key and not legacy:
         payload["sig"] = _sign(payload, signing_key)
-        text = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        text = _ENCODER.encode(payload)
     return text
 
 

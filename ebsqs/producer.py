@@ -16,6 +16,7 @@ import structlog
 
 from ebsqs.brokers import MAX_BATCH, MAX_DELAY_SECONDS, Broker, OutgoingMessage, from_url
 from ebsqs.brokers.base import QueueSettings
+from ebsqs.brokers.checks import utf8_size
 from ebsqs.config import Settings, load_settings
 from ebsqs.envelope import Envelope, encode
 from ebsqs.errors import MessageTooLargeError, QueueDoesNotExist
@@ -76,7 +77,7 @@ def outgoing(
     body = encode(
         envelope, signing_key=settings.signing_key, legacy=settings.legacy_producer, queue=queue
     )
-    size = len(body.encode("utf-8"))
+    size = utf8_size(body)
     if size > limit:
         raise MessageTooLargeError(size, limit, envelope.task)
     return OutgoingMessage(
