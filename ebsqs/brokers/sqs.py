@@ -526,8 +526,8 @@ def _send_entry(
         entry["MessageGroupId"] = message.group_id
     if message.dedup_id is not None:
         entry["MessageDeduplicationId"] = message.dedup_id
-    if not fifo:
-        # FIFO queues refuse per-message delays.
+    if message.delay and not fifo:
+        # FIFO queues refuse per-message delays; 0 is SQS's default, so it is left out.
         entry["DelaySeconds"] = message.delay
     return entry
 
