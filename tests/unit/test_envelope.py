@@ -111,3 +111,23 @@ def test_legacy_bodies_name_their_logical_queue_and_refuse_long_delays() -> None
     assert body["queue"] == "emails"
     with pytest.raises(SerializationError, match="15 minutes"):
         encode(Envelope(task="m.f", due=1e10), legacy=True, queue="emails")
+
+
+def test_task_ids_are_version_4_uuids_and_differ_across_a_fork() -> None:
+    import os
+    import uuid
+
+    from ebsqs.envelope import new_id
+
+    ids = [new_id() for _ in range(2000)]
+    assert len(set(ids)) == 2000
+    assert all(uuid.UUID(i).version == 4 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, then leave at once
+        os.write(write, new_id().encode())
+        os._exit(0)
+    os.close(write)
+    child_id = os.read(read, 100).decode()
+    os.waitpid(pid, 0)
+    assert child_id != new_id()
