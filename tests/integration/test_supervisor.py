@@ -694,7 +694,12 @@ def test_max_memory_per_child_recycles_a_child_that_grew(
     send(broker, queue, ["grow"])
     retired = wait_until(lambda: sup.events("child_retired"), 10)
     assert retired[0]["pid"] == first and "MiB over 1 MiB" in retired[0]["reason"]
-    [second] = sup.wait_consuming({queue: 1})[queue]
+    # The replacement starts while the retired child drains: wait for the old one to be gone.
+    [second] = wait_until(
+        lambda: first not in (now := sup.consuming().get(queue, set())) and len(now) == 1 and now,
+        15,
+        message=lambda: f"consuming: {sup.consuming()}",
+    )
     assert second != first and sup.done_keys() == Counter(["grow"])
     sup.signal(signal.SIGTERM)
     assert sup.wait_exit(15) == 0
