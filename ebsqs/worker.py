@@ -289,10 +289,14 @@ class Worker:
 
     def _collect_wait(self) -> float:
         """How long to wait for outcomes: not at all while more work could start at once."""
-        if not self.executor.running() or self._pending:
+        if not self.executor.running():
             return 0.0
-        if self._backlog and self.executor.free_slots() > 0 and self._wants_messages():
-            return 0.0  # the last receive came back full: fill the free slots first
+        if self.executor.free_slots() > 0 and (
+            self._pending or (self._backlog and self._wants_messages())
+        ):
+            return 0.0  # a slot is free and work is at hand (held, or a full last receive)
+        # Every slot is busy (or nothing waits): block until one finishes. Returning at once
+        # here would spin the loop at 100 % of a core while prefetched messages wait.
         return min(1.0, self.options.wait_seconds)
 
     def _wants_messages(self) -> bool:

@@ -327,3 +327,35 @@ def test_keeper_settles_a_thread_task_past_its_hard_limit_and_stops_the_worker(
         release.set()
         worker.drain(time.monotonic() + 5)
     assert broker.stats("q").visible == broker.stats("q").in_flight == 0
+
+
+@pytest.mark.timeout(20)
+def test_the_loop_blocks_instead_of_spinning_while_every_slot_is_busy(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    import threading
+
+    from ebsqs.executors.thread import ThreadExecutor
+
+    release = threading.Event()
+    task(name="slow", registry=reg)(lambda: release.wait(10))
+    put(broker, *(body("slow") for _ in range(5)))
+    worker = Worker(
+        broker,
+        Settings(broker_url="memory://unused"),
+        ThreadExecutor(concurrency=1, registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=1),
+        registry=reg,
+    )
+    worker.start()
+    try:
+        worker.loop_once()  # receives five, starts one: four wait for the only slot
+        assert worker.executor.running() == 1 and len(worker._pending) == 4
+        cpu, wall = time.thread_time(), time.monotonic()
+        while time.monotonic() - wall < 0.5:
+            worker.loop_once()
+        assert time.thread_time() - cpu < 0.15, "the loop spun while its only slot was busy"
+    finally:
+        release.set()
+        worker.stop()
+        worker.drain(time.monotonic() + 5)
