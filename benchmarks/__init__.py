@@ -12,6 +12,8 @@ depend on the machine; absolute figures go in ``detail``.
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -42,3 +44,31 @@ class Result:
         if operator == "<=":
             return self.value <= float(bound)
         raise ValueError(f"goal {self.goal!r} is neither '>= x' nor '<= x'")
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Consumers draining a queue, as seen from outside: messages, wall and CPU seconds."""
+
+    messages: int
+    seconds: float
+    cpu_seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Messages per second."""
+        return self.messages / self.seconds
+
+    @property
+    def cpu_per_1000(self) -> float:
+        """CPU seconds per 1,000 messages."""
+        return self.cpu_seconds * 1000 / self.messages
+
+
+def median_drain(drains: Sequence[Drain]) -> Drain:
+    """The median wall and CPU seconds of repeated drains of the same size."""
+    return Drain(
+        drains[0].messages,
+        statistics.median(d.seconds for d in drains),
+        statistics.median(d.cpu_seconds for d in drains),
+    )

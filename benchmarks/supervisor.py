@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks import Result, plain
+from benchmarks import Drain, Result, median_drain, plain
 from benchmarks.worker import Bench
 from benchmarks.worker import Scale as WorkerScale
 from ebsqs.envelope import Envelope, encode
@@ -65,25 +65,6 @@ class Scale:
 
 FULL = Scale(messages=20000, rounds=3, kills=3, idle_seconds=5.0)
 QUICK = Scale(messages=1000, rounds=1, kills=1, idle_seconds=2.0)
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """The middle 80 % of one drain: messages deleted, wall seconds, CPU seconds."""
-
-    messages: int
-    seconds: float
-    cpu_seconds: float
-
-    @property
-    def rate(self) -> float:
-        """Messages per second."""
-        return self.messages / self.seconds
-
-    @property
-    def cpu_per_1000(self) -> float:
-        """CPU seconds per 1,000 messages."""
-        return self.cpu_seconds * 1000 / self.messages
 
 
 class Group:
@@ -182,7 +163,7 @@ def worker_command(queue: str) -> list[str]:
 # -- (a) -------------------------------------------------------------------------------------
 
 
-def drain(bench: Bench, commands: Callable[[str, str], Sequence[list[str]]]) -> Window:
+def drain(bench: Bench, commands: Callable[[str, str], Sequence[list[str]]]) -> Drain:
     """Pre-load a fresh queue, start the consumers, and measure the middle 80 % of the drain."""
     name, url = bench.queue("supervise")
     try:
@@ -191,7 +172,7 @@ def drain(bench: Bench, commands: Callable[[str, str], Sequence[list[str]]]) -> 
         with started(commands(name, url), bench.env) as group:
             t0, cpu0 = _when(bench, url, group, lambda left: left <= total * 0.9)
             t1, cpu1 = _when(bench, url, group, lambda left: left <= total * 0.1)
-        return Window(round(total * 0.8), t1 - t0, cpu1 - cpu0)
+        return Drain(round(total * 0.8), t1 - t0, cpu1 - cpu0)
     finally:
         bench.client.delete_queue(QueueUrl=url)
 
@@ -220,7 +201,7 @@ def throughput(bench: Bench, rounds: int) -> list[Result]:
         "supervise": lambda name, url: [supervise_command(name)],
         "workers": lambda name, url: [worker_command(name)] * CHILDREN,
     }
-    windows: dict[str, list[Window]] = {kind: [] for kind in kinds}
+    windows: dict[str, list[Drain]] = {kind: [] for kind in kinds}
     labels = list(kinds)
     for number in range(rounds):
         shift = number % len(labels)
@@ -230,7 +211,7 @@ def throughput(bench: Bench, rounds: int) -> list[Result]:
             if VERBOSE:
                 print(f"    {label}: {window.rate:.0f} msg/s, "
                       f"{window.cpu_per_1000:.3f} CPU s per 1,000", flush=True)  # fmt: skip
-    plain, sup, workers = (_median(windows[label]) for label in labels)
+    plain, sup, workers = (median_drain(windows[label]) for label in labels)
     return [
         Result(
             f"throughput, supervise ({CHILDREN} children) / {CHILDREN} plain loops",
@@ -257,14 +238,6 @@ def throughput(bench: Bench, rounds: int) -> list[Result]:
             f"{workers.cpu_per_1000:.3f} CPU s",
         ),
     ]
-
-
-def _median(windows: Sequence[Window]) -> Window:
-    return Window(
-        windows[0].messages,
-        statistics.median(w.seconds for w in windows),
-        statistics.median(w.cpu_seconds for w in windows),
-    )
 
 
 # -- (b), (c), (d) ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -40,7 +40,7 @@ from typing import Any
 import boto3
 import psutil
 
-from benchmarks import Result, plain
+from benchmarks import Drain, Result, median_drain, plain
 from benchmarks.counting_proxy import counting_proxy
 from benchmarks.tasks import noop
 from ebsqs import producer
@@ -66,25 +66,6 @@ class Scale:
 
 FULL = Scale(messages=10_000, rounds=3, enqueue_rounds=5)
 QUICK = Scale(messages=500, rounds=1, enqueue_rounds=1)
-
-
-@dataclass(frozen=True, slots=True)
-class Run:
-    """One consumer process draining one queue, as seen from outside."""
-
-    messages: int
-    seconds: float
-    cpu_seconds: float
-
-    @property
-    def rate(self) -> float:
-        """Messages per second."""
-        return self.messages / self.seconds
-
-    @property
-    def cpu_per_1000(self) -> float:
-        """CPU seconds per 1,000 messages."""
-        return self.cpu_seconds * 1000 / self.messages
 
 
 class Bench:
@@ -124,7 +105,7 @@ class Bench:
             int(attributes["ApproximateNumberOfMessagesNotVisible"]),
         )
 
-    def plain_consumer(self, kind: str = "plain") -> Run:
+    def plain_consumer(self, kind: str = "plain") -> Drain:
         _, url = self.queue(kind)
         self.preload(url)
         command = [sys.executable, "-m", "benchmarks.plain", "consume", url, str(len(self.bodies))]
@@ -133,7 +114,7 @@ class Bench:
         finally:
             self.client.delete_queue(QueueUrl=url)
 
-    def worker(self, log_level: str = "warning") -> Run:
+    def worker(self, log_level: str = "warning") -> Drain:
         """An ``ebsqs worker``; at info level its JSON log lines go to /dev/null."""
         name, url = self.queue(f"worker-{log_level}")
         self.preload(url)
@@ -143,7 +124,7 @@ class Bench:
         finally:
             self.client.delete_queue(QueueUrl=url)
 
-    def _drain(self, command: list[str], url: str, discard_logs: bool = False) -> Run:
+    def _drain(self, command: list[str], url: str, discard_logs: bool = False) -> Drain:
         """Start a consumer on a full queue; time and CPU from first consumption to empty."""
         total = len(self.bodies)
         with tempfile.TemporaryFile() as errors:
@@ -166,7 +147,7 @@ class Bench:
                 errors.seek(0)
                 tail = errors.read().decode(errors="replace")[-2000:]
                 raise RuntimeError(f"{' '.join(command[2:4])} exited with {code}:\n{tail}")
-        return Run(total, ended - started, cpu1 - cpu0)
+        return Drain(total, ended - started, cpu1 - cpu0)
 
     def _observe(
         self,
@@ -199,12 +180,12 @@ def worker_command(queue: str, tasks: int, log_level: str) -> list[str]:
 
 def consumers(bench: Bench) -> list[Result]:
     """Throughput and CPU per 1,000 tasks: worker / plain loop, in rotating order."""
-    runners: dict[str, Callable[[], Run]] = {
+    runners: dict[str, Callable[[], Drain]] = {
         "plain loop": bench.plain_consumer,
         "worker": bench.worker,
         "worker, info logs": lambda: bench.worker("info"),
     }
-    runs: dict[str, list[Run]] = {label: [] for label in runners}
+    runs: dict[str, list[Drain]] = {label: [] for label in runners}
     labels = list(runners)
     bench.plain_consumer()  # warm-up, not counted: the first run on a fresh server is slower
     for round_number in range(bench.scale.rounds):
@@ -220,7 +201,7 @@ def consumers(bench: Bench) -> list[Result]:
                     flush=True,
                 )
     plain_runs, worker_runs, info_runs = runs.values()
-    base, work, info = _median(plain_runs), _median(worker_runs), _median(info_runs)
+    base, work, info = median_drain(plain_runs), median_drain(worker_runs), median_drain(info_runs)
     return [
         Result(
             "throughput, worker / plain loop",
@@ -247,14 +228,6 @@ def consumers(bench: Bench) -> list[Result]:
             f"{info.cpu_per_1000:.3f} CPU s",
         ),
     ]
-
-
-def _median(runs: Sequence[Run]) -> Run:
-    return Run(
-        runs[0].messages,
-        statistics.median(run.seconds for run in runs),
-        statistics.median(run.cpu_seconds for run in runs),
-    )
 
 
 # -- (b) -------------------------------------------------------------------------------------
