@@ -10,26 +10,16 @@ import json
 import subprocess
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
 from ebsqs.brokers import OutgoingMessage
 from ebsqs.brokers.sqs import SQSBroker
 from ebsqs.settle import ERROR, ERROR_TYPE, REASON
-from tests.integration.processes import APP, Backend, open_backend
+from tests.integration.processes import APP, Backend
 
 RECORD = "tests.fixtures.worker_tasks.record"
-
-
-@pytest.fixture
-def backend(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[Backend]:
-    """``moto`` or ``sqlite`` (indirect parametrization; ``sqlite`` when not parametrized)."""
-    with open_backend(getattr(request, "param", "sqlite"), request, monkeypatch, tmp_path) as it:
-        yield it
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, says: str) -> None:

@@ -12,28 +12,18 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
-from pathlib import Path
 
 import pytest
 
 from tests.fixtures import exec_tasks, worker_tasks
-from tests.integration.processes import APP, Backend, WorkerProcess, open_backend
+from tests.integration.processes import APP, Backend, WorkerProcess
 from tests.servers import ROOT
 from tests.waiting import wait_until
 
 EXEC_APP = "tests.fixtures.exec_tasks"
 PLUGIN_PATH = ROOT / "tests" / "fixtures" / "executor_plugin"
-
-
-@pytest.fixture
-def backend(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[Backend]:
-    """``moto``, ``fauxqs`` or ``sqlite`` (indirect parametrization), for this process too."""
-    with open_backend(request.param, request, monkeypatch, tmp_path) as opened:
-        yield opened
 
 
 def start_worker(backend: Backend, queue: str, *flags: str, **env: str) -> WorkerProcess:

@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,18 +23,8 @@ from ebsqs.brokers import OutgoingMessage
 from ebsqs.envelope import Envelope, decode, encode
 from ebsqs.settle import ATTEMPTS, ERROR, ERROR_TYPE, REASON, SOURCE, TASK
 from tests.fixtures import worker_tasks
-from tests.integration.processes import Backend, open_backend
+from tests.integration.processes import Backend
 from tests.waiting import wait_until
-
-
-@pytest.fixture
-def backend(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[Backend]:
-    """``moto``, ``fauxqs`` or ``sqlite`` (indirect parametrization), for this process too."""
-    with open_backend(request.param, request, monkeypatch, tmp_path) as opened:
-        yield opened
-
 
 # -- 2. exactly once ---------------------------------------------------------------------------
 
