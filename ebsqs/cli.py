@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -399,16 +400,10 @@ def send(
         raise click.BadParameter(f"no task {task_name!r} in {', '.join(apps)}", param_hint="TASK")
     envelope = Envelope(task=task_name, args=tuple(args), kwargs=kwargs)
     the_broker = from_url(settings.broker_url)
-    message = outgoing(envelope, _now() + (delay or 0), settings, the_broker.max_body_bytes)
+    message = outgoing(envelope, time.time() + (delay or 0), settings, the_broker.max_body_bytes)
     target = settings.physical_queue(queue or settings.default_queue)
     send_messages(the_broker, settings, target, [message])
     click.echo(envelope.id)
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
 
 
 def _json_param(text: str, kind: type, flag: str) -> Any:
