@@ -278,10 +278,6 @@ class Worker:
         outcomes += self.executor.stop_overdue(time.monotonic())
         self._settle(outcomes)
         self._start_pending()
-        if not self._pending and not self.executor.running():
-            # Nothing waits or runs: the next step may be a long poll, so delete finished work
-            # now. While tasks run, the keeper sends deletes that waited a second.
-            self._settler.flush_acks()
         self.state = WorkerState.BUSY if self._held else WorkerState.IDLE
         if self._reached_max_tasks() and not self.executor.running():
             log.info("worker_recycled", tasks=self._started)
@@ -302,8 +298,11 @@ class Worker:
     def _wants_messages(self) -> bool:
         if self._stopping.is_set() or self._reached_max_tasks():
             return False
-        room = self.executor.concurrency + MAX_BATCH - len(self._held)
-        return room > 0 and len(self._pending) < max(self.executor.free_slots(), 1)
+        return self._room() > 0 and len(self._pending) < max(self.executor.free_slots(), 1)
+
+    def _room(self) -> int:
+        """Messages the loop may still take: what can run at once plus one batch, less held."""
+        return self.executor.concurrency + MAX_BATCH - len(self._held)
 
     def _reached_max_tasks(self) -> bool:
         """True once as many tasks were started as this process may run (recycling)."""
@@ -311,11 +310,11 @@ class Worker:
         return limit is not None and self._started >= limit
 
     def _receive(self) -> None:
-        # Finished messages awaiting deletion still hold receipts: delete them first, so the
-        # receipts held never exceed what can run plus one batch.
+        # Finished messages awaiting deletion still hold receipts, and a long poll may follow:
+        # delete them first. (The keeper sends deletes that waited a second while tasks run.)
         self._settler.flush_acks()
         queue = next(self._queues)
-        room = self.executor.concurrency + MAX_BATCH - len(self._held)
+        room = self._room()
         # Long-poll only when nothing runs: outcomes must not wait behind a 20-second poll.
         idle = not self._held
         wait = self.options.wait_seconds / len(self.options.queues) if idle else 0
