@@ -88,16 +88,15 @@ class Settler:
                 log.info("task_succeeded", **self._fields(held, envelope, outcome))
             return True
         fields = self._fields(held, envelope, outcome)
-        wants_retry = outcome.kind is OutcomeKind.RETRY or (
-            outcome.retryable or outcome.kind is OutcomeKind.TIMED_OUT
-        )
+        timed_out = outcome.kind is OutcomeKind.TIMED_OUT
+        wants_retry = timed_out or outcome.retryable or outcome.kind is OutcomeKind.RETRY
         if wants_retry and envelope.retries_left > 0:
             return self._retry(held, envelope, outcome, fields)
         self.counters.failed += 1
         stats.failed += 1
         reason = "retries exhausted" if wants_retry else "failed"
         log.error(
-            f"task_{outcome.kind.value if outcome.kind is OutcomeKind.TIMED_OUT else 'failed'}",
+            "task_timed_out" if timed_out else "task_failed",
             reason=reason,
             error_type=outcome.error_type,
             error=outcome.error,
