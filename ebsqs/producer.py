@@ -96,17 +96,13 @@ def send_messages(
     for start in range(0, len(messages), MAX_BATCH):
         batch = messages[start : start + MAX_BATCH]
         try:
-            ids += _send_batch(broker, queue, batch)
+            ids += broker.send_batch(queue, batch)
         except QueueDoesNotExist:
             if not settings.auto_create_queues:
                 raise
             ensure_queue(broker, settings, queue)
-            ids += _send_batch(broker, queue, batch)
+            ids += broker.send_batch(queue, batch)
     return ids
-
-
-def _send_batch(broker: Broker, queue: str, batch: Sequence[OutgoingMessage]) -> list[str]:
-    return [broker.send(queue, batch[0])] if len(batch) == 1 else broker.send_batch(queue, batch)
 
 
 def ensure_queue(broker: Broker, settings: Settings, queue: str) -> None:
