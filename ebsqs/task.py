@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import inspect
-import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, NoReturn, ParamSpec, Protocol, TypeVar, overload
@@ -316,7 +315,7 @@ def _send_after_commit(
     task: Task[Any, Any], calls: list[Call], options: SendOptions, hook: CommitHook
 ) -> list[str]:
     """Fix the task ids and check the arguments now; send when the transaction commits."""
-    calls = [replace(call, task_id=call.task_id or str(uuid.uuid4())) for call in calls]
+    calls = [replace(call, task_id=call.task_id or new_id()) for call in calls]
     for call in calls:
         encode(new_envelope(task, call, 0, 0.0))  # raises SerializationError, naming the argument
     hook.defer(functools.partial(task._send_now, calls, options))
