@@ -67,6 +67,8 @@ class Operations(Extension):
         self.server = server
         self.clock = clock
         self._next_write = 0.0
+        self._next_tick = 0.0
+        self._tick_state: MasterState | None = None
         self._last_status = ""
         self._last_state: MasterState | None = None
         self._stop_started: float | None = None
@@ -120,6 +122,10 @@ class Operations(Extension):
     def on_tick(self, master: Master) -> None:
         """Status file and gauges once a second; ``STATUS=`` on change; the watchdog."""
         now = self.clock()
+        if now < self._next_tick and master.state is self._tick_state:
+            return  # the master's loop wakes on every heartbeat; once a second is enough here
+        self._next_tick = now + WRITE_INTERVAL
+        self._tick_state = master.state
         snapshot = master.snapshot()
         self._write(master, snapshot=snapshot)
         line = summary(snapshot)
