@@ -24,6 +24,7 @@ from ebsqs.envelope import Envelope
 from ebsqs.errors import EbsqsError
 from ebsqs.producer import ensure_queue, outgoing, send_messages
 from ebsqs.registry import registry
+from ebsqs.supervisor.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
 from ebsqs.worker import EXIT_OVERRUN, FastStop, Worker, WorkerOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -249,7 +250,7 @@ def install_stop_signals(the_worker: Worker) -> None:
     "--graceful-timeout",
     envvar="EBSQS_GRACEFUL_TIMEOUT",
     type=click.FloatRange(min=0),
-    default=30.0,
+    default=DEFAULT_GRACEFUL_TIMEOUT,
     show_default=True,
     help="Seconds draining children may finish running tasks before SIGKILL.",
 )
@@ -257,7 +258,7 @@ def install_stop_signals(the_worker: Worker) -> None:
     "--heartbeat-timeout",
     envvar="EBSQS_HEARTBEAT_TIMEOUT",
     type=click.FloatRange(min=1),
-    default=30.0,
+    default=DEFAULT_HEARTBEAT_TIMEOUT,
     show_default=True,
     help="Seconds without a heartbeat (or past a task's hard limit) before a child is killed.",
 )

@@ -19,6 +19,10 @@ from ebsqs.worker import EXIT_OVERRUN
 #: stays cheap on a small machine. Size it to the work: CPU-bound tasks want about one child per
 #: core across all queues, I/O-bound ones more.
 DEFAULT_WORKERS = 2
+#: Seconds a draining child may finish its running tasks before SIGKILL.
+DEFAULT_GRACEFUL_TIMEOUT = 30.0
+#: Seconds of heartbeat silence after which the master counts a child as hung.
+DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 
 
 class ExitCode(enum.IntEnum):
@@ -114,8 +118,8 @@ class SupervisorConfig:
     settings: Settings = field(default_factory=Settings)
     executor: str = "inline"
     concurrency: int = 1
-    graceful_timeout: float = 30.0
-    heartbeat_timeout: float = 30.0
+    graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT
     max_tasks_per_child: int | None = None
     max_memory_per_child: int | None = None
     pidfile: str | None = None

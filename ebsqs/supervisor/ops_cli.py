@@ -16,13 +16,8 @@ from typing import Any, TypeVar
 import click
 
 from ebsqs.supervisor import status as status_doc
-from ebsqs.supervisor.systemd import (
-    DEFAULT_GRACEFUL_TIMEOUT,
-    DEFAULT_HEARTBEAT_TIMEOUT,
-    UnitOptions,
-    ebsqs_program,
-    render_unit,
-)
+from ebsqs.supervisor.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
+from ebsqs.supervisor.systemd import UnitOptions, ebsqs_program, render_unit
 
 F = TypeVar("F", bound=Callable[..., Any])
 

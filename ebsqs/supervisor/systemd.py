@@ -32,6 +32,8 @@ from pathlib import Path
 
 import structlog
 
+from ebsqs.supervisor.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
+
 log = structlog.get_logger(__name__)
 
 #: The variables systemd passes to a notify service.
@@ -190,11 +192,6 @@ def _printable(address: str | bytes) -> str:
 
 
 # -- unit files ----------------------------------------------------------------------------
-
-#: Default seconds of child heartbeat silence before the master kills it (as ``supervise``).
-DEFAULT_HEARTBEAT_TIMEOUT = 30.0
-#: Default seconds a draining child may finish its tasks (as ``supervise``).
-DEFAULT_GRACEFUL_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)
