@@ -98,7 +98,6 @@ class Child:
         self._master_gone = threading.Event()
         self._process: psutil.Process | None = None
         self._title_state = ""
-        self.log: structlog.typing.FilteringBoundLogger = logger
 
     # -- after the fork --------------------------------------------------------------------
 
@@ -149,8 +148,6 @@ class Child:
             slot=spec.slot,
             pid=os.getpid(),
         )
-        # Bound here too: the keeper thread, which sends heartbeats, has no contextvars.
-        self.log = logger.bind(role="worker", queue=spec.queue, slot=spec.slot, pid=os.getpid())
         faulthandler.enable(all_threads=True)  # SIGABRT from the master dumps every thread
         self._process = psutil.Process()
         self.beats.prepare()
@@ -232,7 +229,9 @@ class Child:
         if self._master_gone.is_set():
             return
         self._master_gone.set()
-        self.log.warning("master_gone", master_pid=self.spec.master_pid)
+        # Logged from the keeper thread too: it runs in a copy of the loop's context, so the
+        # line carries role, queue, slot and pid.
+        logger.warning("master_gone", master_pid=self.spec.master_pid)
         if self.worker is None or not self.worker.stopping:
             os.kill(os.getpid(), signal.SIGTERM)
 
