@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from ebsqs import executors, log
-from ebsqs.app import load_app, split_list
+from ebsqs.app import AppImportError, load_app, split_list
 from ebsqs.brokers import MAX_BATCH, Broker, OutgoingMessage, from_url
 from ebsqs.config import Settings, load_settings
 from ebsqs.envelope import Envelope
@@ -155,13 +155,12 @@ def run_cli() -> None:
         sys.exit(exc.exit_code)
     except EbsqsError as exc:
         click.echo(f"Error: {exc}", err=True)
-        sys.exit(EXIT_BOOT if _is_boot_error(exc) else EXIT_ERROR)
+        sys.exit(exit_code_for(exc))
 
 
-def _is_boot_error(exc: EbsqsError) -> bool:
-    from ebsqs.app import AppImportError
-
-    return isinstance(exc, AppImportError)
+def exit_code_for(exc: EbsqsError) -> int:
+    """The exit code of a command that failed with ``exc``: a broken app is a boot failure."""
+    return EXIT_BOOT if isinstance(exc, AppImportError) else EXIT_ERROR
 
 
 def settings_from(broker: str | None, **overrides: Any) -> Settings:

@@ -23,7 +23,7 @@ def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
         CommandError: bad usage, an ebsqs error, or a command that exited with a non-zero code
             (``returncode`` is that code, so ``manage.py`` exits with it).
     """
-    from ebsqs.cli import EXIT_BOOT, EXIT_ERROR, main
+    from ebsqs.cli import EXIT_ERROR, exit_code_for, main
 
     try:
         code = main.main(args=list(argv), prog_name=prog_name, standalone_mode=False)
@@ -34,10 +34,7 @@ def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
     except click.ClickException as exc:
         raise CommandError(exc.format_message(), returncode=exc.exit_code) from exc
     except EbsqsError as exc:
-        from ebsqs.app import AppImportError
-
-        returncode = EXIT_BOOT if isinstance(exc, AppImportError) else EXIT_ERROR
-        raise CommandError(str(exc), returncode=returncode) from exc
+        raise CommandError(str(exc), returncode=exit_code_for(exc)) from exc
     if code is None or code == 0:
         return
     command = " ".join([prog_name, *argv[:1]])
