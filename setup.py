@@ -39,6 +39,11 @@ setup(
             "process = ebsqs.executors.process:ProcessExecutor",
             "asyncio = ebsqs.executors.asyncio:AsyncioExecutor",
         ],
+        "ebsqs.brokers": [
+            "sqs = ebsqs.brokers.sqs:SQSBroker",
+            "sqlite = ebsqs.brokers.sqlite:SQLiteBroker",
+            "memory = ebsqs.brokers.memory:MemoryBroker",
+        ],
     },
     classifiers=[
         "Framework :: Django",

@@ -15,7 +15,8 @@ from ebsqs.errors import (
     SerializationError,
     SoftTimeLimitExceeded,
 )
-from ebsqs.task import SendOptions, Task, task
+from ebsqs.producer import SendOptions
+from ebsqs.task import Task, task
 
 __all__ = [
     "Backoff",

@@ -7,11 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ebsqs.errors import ConfigurationError
-
-
-class AppImportError(ConfigurationError):
-    """A task module could not be imported: a boot failure, never worth a restart loop."""
+from ebsqs.errors import AppImportError
 
 
 def load_app(modules: Sequence[str]) -> None:

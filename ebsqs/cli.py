@@ -17,20 +17,22 @@ from typing import Any, TypeVar
 import click
 
 from ebsqs import executors, log
-from ebsqs.app import AppImportError, load_app, split_list
+from ebsqs.app import load_app, split_list
 from ebsqs.brokers import MAX_BATCH, Broker, OutgoingMessage, from_url
-from ebsqs.config import Settings, load_settings
+from ebsqs.config import (
+    DEFAULT_GRACEFUL_TIMEOUT,
+    DEFAULT_HEARTBEAT_TIMEOUT,
+    Settings,
+    load_settings,
+)
 from ebsqs.envelope import Envelope
-from ebsqs.errors import EbsqsError
+from ebsqs.errors import EbsqsError, ExitCode, exit_code_for
+from ebsqs.ops import cli as ops_cli
 from ebsqs.producer import ensure_queue, outgoing, send_messages
 from ebsqs.registry import registry
-from ebsqs.supervisor.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
-from ebsqs.worker import EXIT_OVERRUN, FastStop, Worker, WorkerOptions
+from ebsqs.worker import FastStop, Worker, WorkerOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-#: Exit codes, a protocol between a child and the supervisor (as in gunicorn).
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_BOOT = 0, 1, 2, 3
 
 
 def broker_option(fn: F) -> F:
@@ -149,18 +151,13 @@ def run_cli() -> None:
         main.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
-        sys.exit(EXIT_ERROR)
+        sys.exit(ExitCode.ERROR)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except EbsqsError as exc:
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exit_code_for(exc))
-
-
-def exit_code_for(exc: EbsqsError) -> int:
-    """The exit code of a command that failed with ``exc``: a broken app is a boot failure."""
-    return EXIT_BOOT if isinstance(exc, AppImportError) else EXIT_ERROR
 
 
 def settings_from(broker: str | None, **overrides: Any) -> Settings:
@@ -222,9 +219,9 @@ def worker(
     try:
         the_worker.run()
     except FastStop:
-        sys.exit(EXIT_ERROR)
+        sys.exit(ExitCode.ERROR)
     if the_worker.overran:
-        sys.exit(EXIT_OVERRUN)
+        sys.exit(ExitCode.OVERRUN)
 
 
 def install_stop_signals(the_worker: Worker) -> None:
@@ -333,7 +330,10 @@ def supervise(
     master: TERM/INT drain gracefully (a second one stops fast), QUIT stops fast, HUP rolls
     every child onto fresh code, TTIN/TTOU add/remove one child per queue.
     """
-    from ebsqs import supervisor  # here: the other commands need not import the supervisor
+    # Imported here: the other commands need not pay for the supervisor (and psutil).
+    from ebsqs.ops.operations import Operations
+    from ebsqs.supervisor import master
+    from ebsqs.supervisor.config import DEFAULT_WORKERS, SupervisorConfig, parse_queues
 
     log.configure(log_format, log_level, role="master")
     settings = settings_from(
@@ -344,10 +344,10 @@ def supervise(
         soft_time_limit=soft_time_limit,
     )
     try:
-        specs = supervisor.parse_queues(queues, workers or supervisor.DEFAULT_WORKERS)
+        specs = parse_queues(queues, workers or DEFAULT_WORKERS)
     except EbsqsError as exc:
         raise click.BadParameter(str(exc), param_hint="--queues") from None
-    config = supervisor.SupervisorConfig(
+    config = SupervisorConfig(
         apps=tuple(split_list(apps)),
         queues=specs,
         settings=settings,
@@ -361,12 +361,10 @@ def supervise(
         log_format=log_format,
         log_level=log_level,
     )
-    from ebsqs.supervisor.operations import Operations
-
     operations = Operations.create(
         config, status_file=status_file, metrics_port=metrics_port, metrics_host=metrics_host
     )
-    sys.exit(supervisor.run(config, [operations]))
+    sys.exit(master.run(config, [operations]))
 
 
 @main.command()
@@ -537,9 +535,7 @@ def dlq_peek(queue: str, limit: int, broker: str | None) -> None:
     the_broker.change_visibility(batch, 0)
 
 
-# -- operations: systemd-unit, status, healthcheck (implemented in ebsqs/supervisor/ops_cli.py) --
-from ebsqs.supervisor import ops_cli  # noqa: E402 - kept apart from the commands above
-
+# -- operations: systemd-unit, status, healthcheck (implemented in ebsqs/ops/cli.py) --------
 main.add_command(ops_cli.systemd_unit)
 main.add_command(ops_cli.status)
 main.add_command(ops_cli.healthcheck)

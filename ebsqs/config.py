@@ -23,6 +23,10 @@ SettingsSource = Callable[[], Mapping[str, Any]]
 SOURCES: list[SettingsSource] = []
 
 DEFAULT_BROKER_URL = "sqlite:///ebsqs.sqlite3"
+#: Seconds a draining worker may finish its running tasks before it is killed.
+DEFAULT_GRACEFUL_TIMEOUT = 30.0
+#: Seconds of heartbeat silence after which a supervisor counts a child as hung.
+DEFAULT_HEARTBEAT_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True, slots=True)

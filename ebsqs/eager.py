@@ -10,7 +10,7 @@ import uuid
 
 from ebsqs.config import Settings
 from ebsqs.envelope import Envelope, decode, encode
-from ebsqs.execution import Job, OutcomeKind, run_job
+from ebsqs.executors.execution import Job, OutcomeKind, run_job
 from ebsqs.registry import registry
 
 

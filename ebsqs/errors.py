@@ -1,6 +1,27 @@
-"""The exception tree. Everything ebsqs raises on purpose is an :class:`EbsqsError`."""
+"""The exception tree, and the exit codes errors map to.
+
+Everything ebsqs raises on purpose is an :class:`EbsqsError`. :class:`ExitCode` is the one list
+of exit codes: what ``ebsqs`` commands return, a protocol between a supervisor's children and its
+master (as in gunicorn), and what the generated systemd unit refuses to restart on.
+"""
 
 from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of every ebsqs process.
+
+    A child exiting with :attr:`BOOT` could not start (its app or configuration is broken), so
+    the master stops instead of restarting it forever, and systemd does not restart the master.
+    """
+
+    OK = 0
+    ERROR = 1  # an unexpected failure
+    USAGE = 2  # bad flags or arguments
+    BOOT = 3  # the app or the configuration cannot work; restarting will not help
+    OVERRUN = 4  # a task overran a hard limit its executor cannot enforce; replace the process
 
 
 class EbsqsError(Exception):
@@ -9,6 +30,15 @@ class EbsqsError(Exception):
 
 class ConfigurationError(EbsqsError):
     """Settings, flags or URLs that cannot work (a bad broker URL, an unknown executor)."""
+
+
+class AppImportError(ConfigurationError):
+    """A task module could not be imported: a boot failure, never worth a restart loop."""
+
+
+def exit_code_for(exc: EbsqsError) -> ExitCode:
+    """The exit code of a command that failed with ``exc``: a broken app is a boot failure."""
+    return ExitCode.BOOT if isinstance(exc, AppImportError) else ExitCode.ERROR
 
 
 class EnvelopeError(EbsqsError):

@@ -2,29 +2,114 @@
 
 Everything here runs at ``.delay()`` time: settings are read then, the broker is looked up then
 (one per URL and process), and every check that can fail (JSON, size) runs before anything is
-sent, so a failed call sends nothing.
+sent, so a failed call sends nothing. A middleware may have a send run later (after a database
+transaction commits, :meth:`~ebsqs.middleware.Middleware.send_later`); the task ids are fixed and
+the arguments checked before it is handed over.
+
+This module knows tasks only as :class:`Sendable`: :mod:`ebsqs.task` imports it, never the
+reverse.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import time
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import structlog
 
+from ebsqs import middleware
 from ebsqs.brokers import MAX_BATCH, MAX_DELAY_SECONDS, Broker, OutgoingMessage, from_url
 from ebsqs.brokers.base import QueueSettings
 from ebsqs.brokers.checks import utf8_size
 from ebsqs.config import Settings, load_settings
-from ebsqs.envelope import Envelope, encode
+from ebsqs.eager import run_eagerly
+from ebsqs.envelope import Envelope, encode, new_id
 from ebsqs.errors import MessageTooLargeError, QueueDoesNotExist
 
-if TYPE_CHECKING:
-    from ebsqs.task import Call, SendOptions, Task
-
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    """Per-call options. ``None`` means "the task's default".
+
+    Attributes:
+        queue_name: the logical queue to send to.
+        delay: seconds before the task may run; any length (past 15 minutes it hops).
+        eta: an aware or UTC-naive datetime before which it must not run.
+        max_retries: override the task's retries for this call.
+        group_id: FIFO message group.
+        dedup_id: FIFO deduplication id.
+        execute_inline: run now in this process (django-eb-sqs's option).
+    """
+
+    queue_name: str | None = None
+    delay: float | None = None
+    eta: dt.datetime | None = None
+    max_retries: int | None = None
+    group_id: str | None = None
+    dedup_id: str | None = None
+    execute_inline: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One invocation, for :meth:`Task.delay_many`. Build it with :meth:`Task.call`."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+    task_id: str | None = None  # chosen up front when the send waits for a commit
+
+
+class Sendable(Protocol):
+    """What the producer needs of a task (:class:`ebsqs.task.Task` is one)."""
+
+    @property
+    def name(self) -> str:
+        """The registered name."""
+        ...
+
+    @property
+    def queue_name(self) -> str | None:
+        """The default logical queue, or None."""
+        ...
+
+    @property
+    def max_retries(self) -> int | None:
+        """The default retries, or None."""
+        ...
+
+    @property
+    def default_delay(self) -> float | None:
+        """The default delay in seconds, or None."""
+        ...
+
+
+def due_time(options: SendOptions, default_delay: float, now: float) -> float:
+    """Epoch seconds at which an invocation sent now with ``options`` becomes due."""
+    if options.eta is not None:
+        eta = options.eta
+        if eta.tzinfo is None:
+            eta = eta.replace(tzinfo=dt.UTC)
+        return eta.timestamp()
+    delay = options.delay if options.delay is not None else default_delay
+    return now + max(delay, 0)
+
+
+def new_envelope(task: Sendable, call: Call, max_retries: int, now: float) -> Envelope:
+    """The first attempt's envelope of one call."""
+    return Envelope(
+        task=task.name,
+        args=tuple(call.args),
+        kwargs=dict(call.kwargs),
+        id=call.task_id or new_id(),
+        max_retries=max_retries,
+        enqueued_at=now,
+    )
 
 
 @functools.cache
@@ -33,18 +118,37 @@ def broker_for(url: str) -> Broker:
     return from_url(url)
 
 
-def send_calls(task: Task[Any, Any], calls: Sequence[Call], options: SendOptions) -> list[str]:
-    """Encode and send calls of a task; return their task ids."""
-    from ebsqs.task import due_time, new_envelope
+def send(
+    task: Sendable, calls: Sequence[Call], options: SendOptions, *, on_commit: bool = False
+) -> list[str]:
+    """Send calls of a task (now, or once a middleware's transaction commits); their task ids.
 
+    Args:
+        task: what is called.
+        calls: its invocations.
+        options: how to send them.
+        on_commit: ``.delay_on_commit()``: send once the open transaction commits, where a
+            middleware knows transactions (Django's); else at once.
+    """
+    later = middleware.send_later(on_commit=on_commit)
+    if later is None:
+        return send_now(task, calls, options)
+    # Fix the task ids and check the arguments now; the messages are sent later.
+    calls = [replace(call, task_id=call.task_id or new_id()) for call in calls]
+    for call in calls:
+        encode(new_envelope(task, call, 0, 0.0))  # raises SerializationError, naming the argument
+    later(functools.partial(send_now, task, calls, options))
+    return [call.task_id for call in calls if call.task_id]
+
+
+def send_now(task: Sendable, calls: Sequence[Call], options: SendOptions) -> list[str]:
+    """Encode and send calls of a task at once; return their task ids."""
     settings = load_settings()
     now = time.time()
     max_retries = _first(options.max_retries, task.max_retries, settings.default_max_retries)
     due = due_time(options, _first(task.default_delay, settings.default_delay), now)
     envelopes = [new_envelope(task, call, max_retries, now) for call in calls]
     if settings.eager or options.execute_inline:
-        from ebsqs.eager import run_eagerly
-
         return [run_eagerly(envelope, settings) for envelope in envelopes]
     logical = _first(options.queue_name, task.queue_name, settings.default_queue)
     broker = broker_for(settings.broker_url)

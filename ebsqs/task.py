@@ -1,22 +1,24 @@
 """``@task`` and :class:`Task`: what application code defines and calls.
 
 Defining a task does no work: no broker, no settings, no client. Those are resolved when a
-message is sent (``.delay()``) or run (the worker).
+message is sent (``.delay()``, which hands the calls to :mod:`ebsqs.producer`) or run (the
+worker). Arrows run one way: this module asks the producer to send; the producer knows tasks
+only as :class:`~ebsqs.producer.Sendable`.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Generic, NoReturn, ParamSpec, Protocol, TypeVar, overload
+from dataclasses import replace
+from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
+from ebsqs import producer
 from ebsqs.backoff import Backoff
 from ebsqs.context import current_or_none
-from ebsqs.envelope import Envelope, encode, new_id
 from ebsqs.errors import MaxRetriesReachedException, Retry
+from ebsqs.producer import Call, SendOptions
 from ebsqs.registry import TaskRegistry, registry
 
 P = ParamSpec("P")
@@ -25,38 +27,6 @@ R = TypeVar("R")
 #: Keywords ``.delay()`` takes as send options, as django-eb-sqs did, unless the function
 #: itself has a parameter of that name.
 LEGACY_OPTIONS = frozenset({"delay", "queue_name", "max_retries", "group_id", "execute_inline"})
-
-
-@dataclass(frozen=True, slots=True)
-class SendOptions:
-    """Per-call options. ``None`` means "the task's default".
-
-    Attributes:
-        queue_name: the logical queue to send to.
-        delay: seconds before the task may run; any length (past 15 minutes it hops).
-        eta: an aware or UTC-naive datetime before which it must not run.
-        max_retries: override the task's retries for this call.
-        group_id: FIFO message group.
-        dedup_id: FIFO deduplication id.
-        execute_inline: run now in this process (django-eb-sqs's option).
-    """
-
-    queue_name: str | None = None
-    delay: float | None = None
-    eta: dt.datetime | None = None
-    max_retries: int | None = None
-    group_id: str | None = None
-    dedup_id: str | None = None
-    execute_inline: bool | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Call:
-    """One invocation, for :meth:`Task.delay_many`. Build it with :meth:`Task.call`."""
-
-    args: tuple[Any, ...] = ()
-    kwargs: Mapping[str, Any] = field(default_factory=dict)
-    task_id: str | None = None  # chosen up front when the send waits for a commit
 
 
 class Task(Generic[P, R]):
@@ -157,31 +127,23 @@ class Task(Generic[P, R]):
         return replace(self.options, **chosen), kwargs
 
     def _send(self, calls: list[Call], options: SendOptions) -> list[str]:
-        if COMMIT_HOOKS and COMMIT_HOOKS[-1].delay_waits_for_commit():
-            return _send_after_commit(self, calls, options, COMMIT_HOOKS[-1])
-        return self._send_now(calls, options)
+        return producer.send(self, calls, options)
 
-    def _send_now(self, calls: list[Call], options: SendOptions) -> list[str]:
-        from ebsqs.producer import send_calls
-
-        return send_calls(self, calls, options)
-
-    # -- sending after a transaction commits (see COMMIT_HOOKS below) ------------------------
+    # -- sending after a transaction commits --------------------------------------------------
 
     def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """Like :meth:`delay`, but the message is sent once the current transaction commits.
 
         Nothing is sent if it rolls back. Arguments are checked now (a :class:`SerializationError`
         is raised here, not at commit), and the task id is returned now. Outside a transaction,
-        or with no integration that knows transactions (``ebsqs.contrib.django``), it sends at once.
+        or with no middleware that knows transactions (``ebsqs.contrib.django``), it sends at
+        once.
         """
         options, call_kwargs = self._split_options(kwargs)
         return self._send_on_commit([Call(args, call_kwargs)], options)[0]
 
     def _send_on_commit(self, calls: list[Call], options: SendOptions) -> list[str]:
-        if not COMMIT_HOOKS:
-            return self._send_now(calls, options)
-        return _send_after_commit(self, calls, options, COMMIT_HOOKS[-1])
+        return producer.send(self, calls, options, on_commit=True)
 
 
 class BoundTask(Generic[P, R]):
@@ -248,29 +210,6 @@ def task(fn: Callable[P, R] | None = None, /, **settings: Any) -> Any:
     return decorate(fn) if fn is not None else decorate
 
 
-def due_time(options: SendOptions, default_delay: float, now: float) -> float:
-    """Epoch seconds at which an invocation sent now with ``options`` becomes due."""
-    if options.eta is not None:
-        eta = options.eta
-        if eta.tzinfo is None:
-            eta = eta.replace(tzinfo=dt.UTC)
-        return eta.timestamp()
-    delay = options.delay if options.delay is not None else default_delay
-    return now + max(delay, 0)
-
-
-def new_envelope(task: Task[Any, Any], call: Call, max_retries: int, now: float) -> Envelope:
-    """The first attempt's envelope of one call."""
-    return Envelope(
-        task=task.name,
-        args=tuple(call.args),
-        kwargs=dict(call.kwargs),
-        id=call.task_id or new_id(),
-        max_retries=max_retries,
-        enqueued_at=now,
-    )
-
-
 def _as_call(item: Call | tuple[Any, ...] | Mapping[str, Any]) -> Call:
     if isinstance(item, Call):
         return item
@@ -287,36 +226,3 @@ def _parameters(fn: Callable[..., Any]) -> frozenset[str]:
         return frozenset(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return frozenset()
-
-
-# -- sending after a transaction commits ------------------------------------------------------
-# Frameworks with database transactions plug in here (``ebsqs.contrib.django`` registers
-# Django's); the core imports none of them.
-
-
-class CommitHook(Protocol):
-    """How sends wait for a transaction: ``defer`` runs a callback once it commits."""
-
-    def defer(self, send: Callable[[], object]) -> None:
-        """Call ``send`` when the current transaction commits (at once outside one; never if it
-        rolls back)."""
-        ...
-
-    def delay_waits_for_commit(self) -> bool:
-        """Whether a plain ``.delay()`` made now should wait for the commit too."""
-        ...
-
-
-#: Registered commit hooks; the last one is used. A registry like the task registry.
-COMMIT_HOOKS: list[CommitHook] = []
-
-
-def _send_after_commit(
-    task: Task[Any, Any], calls: list[Call], options: SendOptions, hook: CommitHook
-) -> list[str]:
-    """Fix the task ids and check the arguments now; send when the transaction commits."""
-    calls = [replace(call, task_id=call.task_id or new_id()) for call in calls]
-    for call in calls:
-        encode(new_envelope(task, call, 0, 0.0))  # raises SerializationError, naming the argument
-    hook.defer(functools.partial(task._send_now, calls, options))
-    return [call.task_id for call in calls if call.task_id]

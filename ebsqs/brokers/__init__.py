@@ -6,8 +6,9 @@ lazily, in the process (and after the fork) that uses them.
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
+from ebsqs import plugins
 from ebsqs.brokers.base import (
     MAX_BATCH,
     MAX_DELAY_SECONDS,
@@ -30,9 +31,25 @@ __all__ = [
     "QueueStats",
     "ReceivedMessage",
     "from_url",
+    "schemes",
 ]
 
-SCHEMES = ("sqs", "sqlite", "memory")
+GROUP = "ebsqs.brokers"
+
+#: The built-in brokers by URL scheme, found even when the package's entry points are not
+#: installed. A broker class has a ``from_url(url)`` class method that builds it (opening
+#: nothing); a third-party broker registers its class under the entry-point group
+#: ``ebsqs.brokers``, named by its scheme.
+BUILTIN = {
+    "sqs": "ebsqs.brokers.sqs:SQSBroker",
+    "sqlite": "ebsqs.brokers.sqlite:SQLiteBroker",
+    "memory": "ebsqs.brokers.memory:MemoryBroker",
+}
+
+
+def schemes() -> list[str]:
+    """Every URL scheme a broker is registered for."""
+    return plugins.names(GROUP, BUILTIN)
 
 
 def from_url(url: str) -> Broker:
@@ -41,34 +58,18 @@ def from_url(url: str) -> Broker:
     Args:
         url: ``sqs://`` (standard AWS credential chain and region; ``sqs://eu-west-1`` pins the
             region; the endpoint comes from ``AWS_ENDPOINT_URL_SQS`` / ``AWS_ENDPOINT_URL``),
-            ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``, or
-            ``memory://`` (``memory://name`` shares one in-process store per name).
+            ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``,
+            ``memory://`` (``memory://name`` shares one in-process store per name), or the
+            scheme of a broker plugin.
 
     Raises:
-        ConfigurationError: the URL names no broker ebsqs knows.
+        ConfigurationError: the URL names no broker ebsqs knows, or the broker refuses it.
     """
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme == "sqs":
-        from ebsqs.brokers.sqs import SQSBroker
-
-        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-        return SQSBroker(region=parts.netloc or options.get("region") or None)
-    if scheme == "sqlite":
-        from ebsqs.brokers.sqlite import SQLiteBroker
-
-        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
-        if not path:
-            raise ConfigurationError(
-                f"broker URL {url!r} has no file path; use sqlite:///relative.db or "
-                "sqlite:////absolute/path.db"
-            )
-        return SQLiteBroker(path)
-    if scheme == "memory":
-        from ebsqs.brokers.memory import MemoryBroker
-
-        return MemoryBroker.named(parts.netloc or "default")
-    raise ConfigurationError(
-        f"unknown broker URL {url!r}: the scheme must be one of "
-        + ", ".join(f"{s}://" for s in SCHEMES)
-    )
+    scheme = urlsplit(url).scheme.lower()
+    if not scheme or scheme not in schemes():
+        raise ConfigurationError(
+            f"unknown broker URL {url!r}: the scheme must be one of "
+            + ", ".join(f"{s}://" for s in schemes())
+        )
+    broker: Broker = plugins.load(GROUP, scheme, BUILTIN, "broker").from_url(url)
+    return broker

@@ -87,6 +87,10 @@ class Broker(Protocol):
     transiently and raise :class:`~ebsqs.errors.PartialBatchError` naming the ones that still
     failed, except ``ack`` and ``change_visibility``, which return the failures (a failed delete
     is not an error the caller can fix: the message will simply be delivered again).
+
+    A broker class also has a ``from_url(url)`` class method, which :func:`ebsqs.brokers.from_url`
+    calls for the URL's scheme; a third-party broker registers its class under the entry-point
+    group ``ebsqs.brokers`` with its scheme as the name.
     """
 
     #: The largest body (in UTF-8 bytes) the broker accepts.

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from ebsqs.brokers.base import (
     DEFAULT_MAX_BODY_BYTES,
@@ -59,6 +60,11 @@ class MemoryBroker:
         self._clock = clock
         self._queues: dict[str, _Queue] = {}
         self._changed = threading.Condition()
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryBroker:
+        """``memory://`` or ``memory://name``: the process-wide store of that name."""
+        return cls.named(urlsplit(url).netloc or "default")
 
     @classmethod
     def named(cls, name: str) -> MemoryBroker:

@@ -194,6 +194,21 @@ class SQLiteBroker:
         self._orphans: list[sqlite3.Connection] = []
         self._epoch = 0
 
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteBroker:
+        """``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
+
+        Raises:
+            ConfigurationError: the URL has no file path.
+        """
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ConfigurationError(
+                f"broker URL {url!r} has no file path; use sqlite:///relative.db or "
+                "sqlite:////absolute/path.db"
+            )
+        return cls(path)
+
     def __repr__(self) -> str:
         return f"SQLiteBroker({self.path!r})"
 

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import boto3
 import structlog
@@ -145,6 +146,14 @@ class SQSBroker:
         self._client: SQSClient | None = None
         self._client_pid = 0
         self._urls: dict[str, str] = {}
+
+    @classmethod
+    def from_url(cls, url: str) -> SQSBroker:
+        """``sqs://``, ``sqs://eu-west-1`` or ``sqs://?region=eu-west-1`` (see
+        :func:`ebsqs.brokers.from_url`)."""
+        parts = urlsplit(url)
+        options = {key: values[-1] for key, values in parse_qs(parts.query).items()}
+        return cls(region=parts.netloc or options.get("region") or None)
 
     @property
     def client(self) -> SQSClient:

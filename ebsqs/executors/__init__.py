@@ -3,14 +3,12 @@ third-party one registered under the entry-point group ``ebsqs.executors``."""
 
 from __future__ import annotations
 
-from importlib import import_module
-from importlib.metadata import entry_points
-
+from ebsqs import plugins
 from ebsqs.errors import ConfigurationError
-from ebsqs.executors.base import Executor
+from ebsqs.executors.base import Capabilities, Executor
 from ebsqs.registry import TaskRegistry, registry
 
-__all__ = ["BUILTIN", "Executor", "available", "create"]
+__all__ = ["BUILTIN", "Capabilities", "Executor", "available", "create"]
 
 GROUP = "ebsqs.executors"
 
@@ -25,7 +23,7 @@ BUILTIN = {
 
 def available() -> list[str]:
     """Names of every executor that can be chosen."""
-    return sorted(set(BUILTIN) | {ep.name for ep in entry_points(group=GROUP)})
+    return plugins.names(GROUP, BUILTIN)
 
 
 def create(name: str, concurrency: int, registry: TaskRegistry = registry) -> Executor:
@@ -36,15 +34,6 @@ def create(name: str, concurrency: int, registry: TaskRegistry = registry) -> Ex
     """
     if concurrency < 1:
         raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
-    target = {ep.name: ep.value for ep in entry_points(group=GROUP)}.get(name) or BUILTIN.get(name)
-    if target is None:
-        raise ConfigurationError(
-            f"unknown executor {name!r}; choose one of: {', '.join(available())}"
-        )
-    module_name, _, attribute = target.partition(":")
-    try:
-        factory = getattr(import_module(module_name), attribute)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(f"executor {name!r} ({target}) cannot be loaded: {exc}") from exc
+    factory = plugins.load(GROUP, name, BUILTIN, "executor")
     executor: Executor = factory(concurrency=concurrency, registry=registry)
     return executor

@@ -14,9 +14,11 @@ Time limits:
       :class:`~ebsqs.errors.SoftTimeLimitExceeded` (TIMED_OUT, so the retry policy applies).
       Not enforced for sync tasks, which run in threads.
     * hard: :meth:`AsyncioExecutor.stop_overdue` cancels the coroutine; its TIMED_OUT outcome
-      arrives through :meth:`collect` once the cancellation has unwound it. A coroutine that
-      blocks the loop or ignores cancellation cannot be stopped from here: as with threads, the
-      supervisor replaces the process past the deadline its heartbeat reports.
+      arrives through :meth:`collect` once the cancellation has unwound it. A sync task (in a
+      thread) cannot be stopped: as under the thread executor, the worker's keeper settles its
+      message as timed out and the process is replaced. A coroutine that blocks the loop or
+      ignores cancellation is left to the supervisor, which kills the child past the deadline
+      its heartbeat reports.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from ebsqs.execution import Job, Outcome, OutcomeKind, failure, run_job, run_job_async
-from ebsqs.executors.base import take_outcomes
+from ebsqs.executors.base import Capabilities, take_outcomes
+from ebsqs.executors.execution import Job, Outcome, OutcomeKind, failure, run_job, run_job_async
 from ebsqs.registry import TaskRegistry, registry
 
 log = structlog.get_logger(__name__)
@@ -55,7 +57,7 @@ class _Running:
 class AsyncioExecutor:
     """Runs up to ``concurrency`` jobs at once on one event loop in a dedicated thread."""
 
-    stops_overdue = True
+    capabilities = Capabilities(soft_limit_async=True, hard_limit_async=True)
 
     def __init__(self, concurrency: int = 1, registry: TaskRegistry = registry) -> None:
         self.concurrency = concurrency

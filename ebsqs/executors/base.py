@@ -3,9 +3,42 @@
 from __future__ import annotations
 
 import queue
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ebsqs.execution import Job, Outcome
+from ebsqs.executors.execution import Job, Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What an executor can enforce on the jobs it runs, for sync and for ``async def`` tasks.
+
+    The worker reads these instead of guessing: a hard limit the executor cannot enforce for a
+    job is enforced by the worker itself (its keeper settles the overrun message as timed out
+    and the process is replaced), so no overrun message is left to come back and run twice.
+
+    Attributes:
+        soft_limit_sync: the soft limit interrupts a running sync task.
+        soft_limit_async: the soft limit interrupts a running coroutine task.
+        hard_limit_sync: :meth:`Executor.stop_overdue` stops a sync task past its hard limit.
+        hard_limit_async: :meth:`Executor.stop_overdue` stops a coroutine past its hard limit.
+        runs_in_loop_thread: jobs run in the worker loop's own thread (the loop is blocked
+            while one runs).
+    """
+
+    soft_limit_sync: bool = False
+    soft_limit_async: bool = False
+    hard_limit_sync: bool = False
+    hard_limit_async: bool = False
+    runs_in_loop_thread: bool = False
+
+    def stops_overdue(self, job: Job) -> bool:
+        """Whether this executor stops ``job`` itself once it overruns its hard limit."""
+        return self.hard_limit_async if job.is_async else self.hard_limit_sync
+
+    def enforces_soft_limit(self, job: Job) -> bool:
+        """Whether ``job``'s soft limit interrupts it under this executor."""
+        return self.soft_limit_async if job.is_async else self.soft_limit_sync
 
 
 @runtime_checkable
@@ -18,11 +51,8 @@ class Executor(Protocol):
 
     #: How many jobs may run at once.
     concurrency: int
-
-    # Optional class attributes the worker reads with getattr (default False):
-    # ``stops_overdue``: stop_overdue() really stops jobs past their hard limit (process,
-    # asyncio); otherwise the worker settles an overrun job itself and replaces its process.
-    # ``runs_in_loop_thread``: jobs run in the worker loop's own thread (inline).
+    #: What it can enforce (see :class:`Capabilities`).
+    capabilities: Capabilities
 
     def start(self) -> None:
         """Create pools and threads (in the worker's own process, after any fork)."""
@@ -47,8 +77,8 @@ class Executor(Protocol):
     def stop_overdue(self, now: float) -> list[Outcome]:
         """Stop jobs past their hard time limit, where this executor can; their outcomes.
 
-        ``now`` is ``time.monotonic()``. Executors that cannot stop a job (inline, thread)
-        return nothing: the supervisor replaces their process instead.
+        ``now`` is ``time.monotonic()``. Jobs it cannot stop (see :attr:`capabilities`) are
+        left alone: the worker settles them and its process is replaced.
         """
         ...
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from ebsqs.execution import Job, Outcome, run_job
+from ebsqs.executors.base import Capabilities
+from ebsqs.executors.execution import Job, Outcome, run_job
 from ebsqs.registry import TaskRegistry, registry
 
 
@@ -14,11 +15,14 @@ class InlineExecutor:
     Soft limits are enforced with ``SIGALRM`` when the loop runs in the main thread (as it does
     in ``ebsqs worker`` and in the supervisor's children): the task gets
     :class:`~ebsqs.errors.SoftTimeLimitExceeded` and may catch it. A task that overruns its hard
-    limit cannot be stopped from inside: the worker's heartbeat carries the deadline, and the
-    supervisor replaces the whole child.
+    limit cannot be stopped from inside: the worker's keeper thread settles its message as timed
+    out and ends the process, which the supervisor replaces (its heartbeat carries the deadline,
+    so the master kills the child should even that fail).
     """
 
-    runs_in_loop_thread = True
+    capabilities = Capabilities(
+        soft_limit_sync=True, soft_limit_async=True, runs_in_loop_thread=True
+    )
 
     def __init__(self, concurrency: int = 1, registry: TaskRegistry = registry) -> None:
         self.concurrency = 1

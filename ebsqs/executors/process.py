@@ -45,8 +45,9 @@ from types import FrameType
 
 import structlog
 
-from ebsqs import hooks
-from ebsqs.execution import Job, Outcome, OutcomeKind, failure, run_job
+from ebsqs import middleware
+from ebsqs.executors.base import Capabilities
+from ebsqs.executors.execution import Job, Outcome, OutcomeKind, failure, run_job
 from ebsqs.registry import TaskRegistry, registry
 
 log = structlog.get_logger(__name__)
@@ -133,7 +134,9 @@ class _Slot:
 class ProcessExecutor:
     """Runs up to ``concurrency`` jobs at once, each in a pool process it can kill."""
 
-    stops_overdue = True
+    capabilities = Capabilities(
+        soft_limit_sync=True, soft_limit_async=True, hard_limit_sync=True, hard_limit_async=True
+    )
 
     def __init__(self, concurrency: int = 1, registry: TaskRegistry = registry) -> None:
         self.concurrency = concurrency
@@ -302,7 +305,7 @@ class ProcessExecutor:
         # The child must hold none of the worker's pipe ends (its own or its siblings'),
         # or it would never see end-of-file when the worker dies.
         inherited = [ours.fileno(), sentinel, *(fd for s in self._slots for fd in s.process.fds())]
-        hooks.fire("before_fork")
+        middleware.before_fork()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child, which leaves through os._exit
             _child_main(theirs, inherited, self._registry)

@@ -12,8 +12,9 @@ Limits of threads, by design:
       thread, and injecting an exception into another thread cannot interrupt a blocking call
       and may land outside the task. Tasks that need one can read ``context.current().deadline``
       (the hard deadline) and stop cooperatively. A warning is logged once per task name.
-    * Hard limits: a thread cannot be killed. The worker's heartbeat carries each running
-      task's deadline and the supervisor replaces the whole process past it.
+    * Hard limits: a thread cannot be killed. Past a task's hard limit the worker's keeper
+      settles its message as timed out (retried or dead-lettered by the task's policy) and the
+      process drains and exits, to be replaced; the runaway thread ends with it.
     * Drain: :meth:`ThreadExecutor.shutdown` waits for running tasks until the deadline, then
       reports the rest INTERRUPTED (their messages come back soon) and leaves their threads
       behind; they are daemon threads and end with the process, which must exit next.
@@ -28,8 +29,8 @@ from dataclasses import dataclass
 
 import structlog
 
-from ebsqs.execution import Job, Outcome, OutcomeKind, failure, run_job
-from ebsqs.executors.base import take_outcomes
+from ebsqs.executors.base import Capabilities, take_outcomes
+from ebsqs.executors.execution import Job, Outcome, OutcomeKind, failure, run_job
 from ebsqs.registry import TaskRegistry, registry
 
 log = structlog.get_logger(__name__)
@@ -43,6 +44,8 @@ class _Started:
 
 class ThreadExecutor:
     """Runs up to ``concurrency`` jobs at once, each in a pool thread."""
+
+    capabilities = Capabilities()  # a thread can be neither interrupted nor killed
 
     def __init__(self, concurrency: int = 1, registry: TaskRegistry = registry) -> None:
         self.concurrency = concurrency

@@ -26,40 +26,9 @@ SIGINT / HUP / TTIN / TTOU (the master's business), and drain and exit if the ma
 Modules: :mod:`.config` (what the supervisor is told), :mod:`.table` (the master's bookkeeping
 and decisions, no processes), :mod:`.master` (forks, signals, the loop), :mod:`.child` (after
 the fork), :mod:`.heartbeat` (the pipe protocol), :mod:`.snapshot` (the read model),
-:mod:`.extension` (hooks for sd_notify, status and metrics), :mod:`.reload` (fresh code on HUP).
+:mod:`.extension` (the typed hooks :mod:`ebsqs.ops` builds sd_notify, status and metrics on),
+:mod:`.reload` (fresh code on HUP), :mod:`.process` (small OS helpers).
+
+This package's ``__init__`` imports nothing, so that importing one part (the snapshot types, for
+``ebsqs status``) does not import the master and psutil with it.
 """
-
-from ebsqs.supervisor.config import (
-    DEFAULT_WORKERS,
-    ExitCode,
-    QueueSpec,
-    SupervisorConfig,
-    parse_queues,
-)
-from ebsqs.supervisor.extension import Extension
-from ebsqs.supervisor.master import Master, run
-from ebsqs.supervisor.snapshot import (
-    ChildSnapshot,
-    CurrentTask,
-    MasterState,
-    Phase,
-    SupervisorSnapshot,
-    TaskCounts,
-)
-
-__all__ = [
-    "DEFAULT_WORKERS",
-    "ChildSnapshot",
-    "CurrentTask",
-    "ExitCode",
-    "Extension",
-    "Master",
-    "MasterState",
-    "Phase",
-    "QueueSpec",
-    "SupervisorConfig",
-    "SupervisorSnapshot",
-    "TaskCounts",
-    "parse_queues",
-    "run",
-]

@@ -25,12 +25,12 @@ from typing import NoReturn
 import psutil
 import structlog
 
-from ebsqs import executors, hooks, log, producer
+from ebsqs import executors, log, producer
 from ebsqs.brokers import Broker, from_url
-from ebsqs.errors import ConfigurationError, QueueDoesNotExist
+from ebsqs.errors import ConfigurationError, ExitCode, QueueDoesNotExist
 from ebsqs.executors.base import Executor
 from ebsqs.registry import registry
-from ebsqs.supervisor.config import ExitCode, SupervisorConfig
+from ebsqs.supervisor.config import SupervisorConfig
 from ebsqs.supervisor.heartbeat import Beat, BeatWriter
 from ebsqs.supervisor.process import set_parent_death_signal, set_title
 from ebsqs.supervisor.reload import reimport_app
@@ -160,7 +160,6 @@ class Child:
         self.worker = self._build_worker(self.broker)
         self._install_stop_signals(self.worker)
         self.worker.start()
-        hooks.fire("worker_started")
         self.heartbeat(self.worker.status())  # the first "idle" beat tells the master we're up
 
     def _build_worker(self, broker: Broker) -> Worker:

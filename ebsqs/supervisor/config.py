@@ -1,42 +1,30 @@
-"""What the supervisor is told: queues and their child counts, limits, timeouts, exit codes.
+"""What the supervisor is told: queues and their child counts, limits and timeouts.
 
 Everything here is plain data, built in the master before any fork and read on both sides.
 """
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 from ebsqs.backoff import Backoff
-from ebsqs.config import Settings
+from ebsqs.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT, Settings
 from ebsqs.errors import ConfigurationError
 from ebsqs.log import LogFormat
-from ebsqs.worker import EXIT_OVERRUN
 
 #: Children per queue when neither ``--workers`` nor ``queue:N`` says: two, so one child can be
 #: replaced (HUP, recycling, a crash) while the other keeps the queue moving, and the default
 #: stays cheap on a small machine. Size it to the work: CPU-bound tasks want about one child per
 #: core across all queues, I/O-bound ones more.
 DEFAULT_WORKERS = 2
-#: Seconds a draining child may finish its running tasks before SIGKILL.
-DEFAULT_GRACEFUL_TIMEOUT = 30.0
-#: Seconds of heartbeat silence after which the master counts a child as hung.
-DEFAULT_HEARTBEAT_TIMEOUT = 30.0
-
-
-class ExitCode(enum.IntEnum):
-    """Exit codes: a protocol between a child and the master, and the master's own status.
-
-    A child exiting with :attr:`BOOT` could not start (its app or configuration is broken), so
-    the master stops instead of restarting it forever.
-    """
-
-    OK = 0
-    ERROR = 1
-    USAGE = 2
-    BOOT = 3
-    OVERRUN = EXIT_OVERRUN  # a task overran its hard limit; the child was replaced
+__all__ = [
+    "DEFAULT_GRACEFUL_TIMEOUT",
+    "DEFAULT_HEARTBEAT_TIMEOUT",
+    "DEFAULT_WORKERS",
+    "QueueSpec",
+    "SupervisorConfig",
+    "parse_queues",
+]
 
 
 @dataclass(frozen=True, slots=True)

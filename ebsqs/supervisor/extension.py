@@ -1,23 +1,21 @@
 """Extension points of the master: typed no-op methods that integrations override.
 
-sd_notify, ``ebsqs status``, health checks and metrics build on these and on
-:meth:`Master.snapshot() <ebsqs.supervisor.master.Master.snapshot>`. Every method runs in the
-master's loop, between its decisions: keep it quick and never block (no network calls without
-a short timeout). An exception is logged and does not stop the master.
+sd_notify, ``ebsqs status``, health checks and metrics (:mod:`ebsqs.ops`) build on these. An
+extension sees the master only through frozen snapshots (:class:`SupervisorSnapshot`,
+:class:`ChildSnapshot`): it can report on the supervisor, never change it. Every method runs in
+the master's loop, between its decisions: keep it quick and never block (no network calls
+without a short timeout). An exception is logged and does not stop the master.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import structlog
 
-if TYPE_CHECKING:
-    from ebsqs.supervisor.heartbeat import Beat
-    from ebsqs.supervisor.master import Master
-    from ebsqs.supervisor.process import ExitStatus
-    from ebsqs.supervisor.table import ChildRecord, Verdict
+from ebsqs.supervisor.process import ExitStatus
+from ebsqs.supervisor.snapshot import ChildSnapshot, SupervisorSnapshot
+from ebsqs.supervisor.table import Verdict
 
 log = structlog.get_logger(__name__)
 
@@ -25,36 +23,31 @@ log = structlog.get_logger(__name__)
 class Extension:
     """No-op base class; override what you need."""
 
-    def on_starting(self, master: Master) -> None:
+    def on_starting(self, snapshot: SupervisorSnapshot) -> None:
         """The app is imported and the first children are about to be forked."""
 
-    def on_ready(self, master: Master) -> None:
+    def on_ready(self, snapshot: SupervisorSnapshot) -> None:
         """Every slot has a consuming child for the first time (sd_notify ``READY=1``)."""
 
-    def on_tick(self, master: Master) -> None:
-        """Once per loop iteration, at least once a second (``WATCHDOG=1``, ``STATUS=``)."""
+    def on_tick(self, snapshot: SupervisorSnapshot) -> None:
+        """About once a second, and at once when the master's state changes (``WATCHDOG=1``,
+        ``STATUS=``, the status file, metrics)."""
 
-    def on_reload(self, master: Master) -> None:
+    def on_reload(self, snapshot: SupervisorSnapshot) -> None:
         """A HUP started a rolling restart (``RELOADING=1``)."""
 
-    def on_reloaded(self, master: Master) -> None:
+    def on_reloaded(self, snapshot: SupervisorSnapshot) -> None:
         """Every child now runs the code imported after the last HUP (``READY=1``)."""
 
-    def on_stopping(self, master: Master, graceful: bool) -> None:
+    def on_stopping(self, snapshot: SupervisorSnapshot, graceful: bool) -> None:
         """A stop began: a graceful drain, or a fast stop (``STOPPING=1``,
         ``EXTEND_TIMEOUT_USEC`` during a long drain)."""
 
-    def on_stopped(self, master: Master, exit_code: int) -> None:
+    def on_stopped(self, snapshot: SupervisorSnapshot, exit_code: int) -> None:
         """Every child is gone; the master is about to exit with ``exit_code``."""
 
-    def on_heartbeat(self, master: Master, child: ChildRecord, beat: Beat) -> None:
-        """A heartbeat from ``child`` was recorded (metrics: its cumulative counters)."""
-
-    def on_child_exited(
-        self, master: Master, child: ChildRecord, status: ExitStatus, verdict: Verdict
-    ) -> None:
-        """``child`` was reaped, after its last heartbeats were read (metrics: retire its
-        counters; count crashes and kills)."""
+    def on_child_exited(self, child: ChildSnapshot, status: ExitStatus, verdict: Verdict) -> None:
+        """A child was reaped (after its last heartbeats were read); ``child`` is as it was."""
 
 
 class Extensions(Extension):
@@ -75,31 +68,26 @@ class Extensions(Extension):
                     error=repr(exc),
                 )
 
-    def on_starting(self, master: Master) -> None:
-        self._each("on_starting", lambda e: e.on_starting(master))
+    def on_starting(self, snapshot: SupervisorSnapshot) -> None:
+        self._each("on_starting", lambda e: e.on_starting(snapshot))
 
-    def on_ready(self, master: Master) -> None:
-        self._each("on_ready", lambda e: e.on_ready(master))
+    def on_ready(self, snapshot: SupervisorSnapshot) -> None:
+        self._each("on_ready", lambda e: e.on_ready(snapshot))
 
-    def on_tick(self, master: Master) -> None:
-        self._each("on_tick", lambda e: e.on_tick(master))
+    def on_tick(self, snapshot: SupervisorSnapshot) -> None:
+        self._each("on_tick", lambda e: e.on_tick(snapshot))
 
-    def on_reload(self, master: Master) -> None:
-        self._each("on_reload", lambda e: e.on_reload(master))
+    def on_reload(self, snapshot: SupervisorSnapshot) -> None:
+        self._each("on_reload", lambda e: e.on_reload(snapshot))
 
-    def on_reloaded(self, master: Master) -> None:
-        self._each("on_reloaded", lambda e: e.on_reloaded(master))
+    def on_reloaded(self, snapshot: SupervisorSnapshot) -> None:
+        self._each("on_reloaded", lambda e: e.on_reloaded(snapshot))
 
-    def on_stopping(self, master: Master, graceful: bool) -> None:
-        self._each("on_stopping", lambda e: e.on_stopping(master, graceful))
+    def on_stopping(self, snapshot: SupervisorSnapshot, graceful: bool) -> None:
+        self._each("on_stopping", lambda e: e.on_stopping(snapshot, graceful))
 
-    def on_stopped(self, master: Master, exit_code: int) -> None:
-        self._each("on_stopped", lambda e: e.on_stopped(master, exit_code))
+    def on_stopped(self, snapshot: SupervisorSnapshot, exit_code: int) -> None:
+        self._each("on_stopped", lambda e: e.on_stopped(snapshot, exit_code))
 
-    def on_heartbeat(self, master: Master, child: ChildRecord, beat: Beat) -> None:
-        self._each("on_heartbeat", lambda e: e.on_heartbeat(master, child, beat))
-
-    def on_child_exited(
-        self, master: Master, child: ChildRecord, status: ExitStatus, verdict: Verdict
-    ) -> None:
-        self._each("on_child_exited", lambda e: e.on_child_exited(master, child, status, verdict))
+    def on_child_exited(self, child: ChildSnapshot, status: ExitStatus, verdict: Verdict) -> None:
+        self._each("on_child_exited", lambda e: e.on_child_exited(child, status, verdict))

@@ -16,12 +16,11 @@ import json
 import os
 import struct
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ebsqs.stats import TaskStats
-from ebsqs.supervisor.snapshot import CurrentTask, TaskCounts
+from ebsqs.counters import Counters
+from ebsqs.supervisor.snapshot import CurrentTask
 from ebsqs.worker import RunningTask, WorkerStatus
 
 _HEADER = struct.Struct("!I")
@@ -47,19 +46,14 @@ class Beat:
         task_id: that task's id.
         task_age: seconds that task had been running at ``sent_at``.
         deadline_in: seconds from ``sent_at`` to that task's hard limit (negative once past).
-        done: tasks succeeded since the child started.
-        failed: tasks failed for good.
-        retried: retries scheduled.
-        dead_lettered: messages dead-lettered.
         rss: the child's resident memory in bytes.
         sent_at: the child's wall clock when it sent this.
-        receives: receive calls since the child started.
-        empty_receives: receive calls that returned nothing.
-        received: messages received.
-        extended: visibility extensions.
+        counts: the worker's queue-level :class:`~ebsqs.counters.Counters`, cumulative
+            (:meth:`Counters.queue_wire`).
         tasks: per task name, :meth:`TaskStats.to_wire` of its cumulative stats. A child with
             more tasks than fit one frame sends a different part each second (and every part
-            in its last beats), so the master merges what it gets per task.
+            in its last beats), so the master merges what it gets per task
+            (:meth:`Counters.updated`).
     """
 
     pid: int
@@ -70,16 +64,9 @@ class Beat:
     task_id: str | None = None
     task_age: float | None = None
     deadline_in: float | None = None
-    done: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
     rss: int = 0
     sent_at: float = 0.0
-    receives: int = 0
-    empty_receives: int = 0
-    received: int = 0
-    extended: int = 0
+    counts: list[int] | None = None
     tasks: dict[str, list[Any]] | None = None
 
     @classmethod
@@ -101,7 +88,7 @@ class Beat:
         (for the last words of an exiting child), else the one beat with that part."""
         base = cls._without_tasks(pid, status, rss)
         budget = MAX_FRAME - len(encode(base)) - 16
-        chunks = _task_chunks(status.counters.tasks, budget)
+        chunks = _task_chunks(status.counters, budget)
         if part == -1:
             return [dataclasses.replace(base, tasks=chunk) for chunk in chunks]
         index = int(status.at) % len(chunks) if part is None else part % len(chunks)
@@ -111,7 +98,6 @@ class Beat:
     def _without_tasks(cls, pid: int, status: WorkerStatus, rss: int) -> Beat:
         current = _current(status.running)
         deadline = current.deadline if current else None
-        counters = status.counters
         return cls(
             pid=pid,
             state=str(status.state),
@@ -121,22 +107,21 @@ class Beat:
             task_id=current.task_id[:_MAX_TEXT] if current else None,
             task_age=round(status.at - current.started_at, 3) if current else None,
             deadline_in=None if deadline is None else round(deadline - status.at, 3),
-            done=counters.done,
-            failed=counters.failed,
-            retried=counters.retried,
-            dead_lettered=counters.dead_lettered,
             rss=rss,
             sent_at=status.at,
-            receives=counters.receives,
-            empty_receives=counters.empty_receives,
-            received=counters.received,
-            extended=counters.extended,
+            counts=status.counters.queue_wire(),
         )
 
-    @property
-    def counts(self) -> TaskCounts:
-        """The outcome counters as :class:`TaskCounts`."""
-        return TaskCounts(self.done, self.failed, self.retried, self.dead_lettered)
+    def counters(self) -> Counters:
+        """What this beat carries as :class:`Counters` (only some tasks, when there are many).
+
+        Raises:
+            HeartbeatError: the counts are malformed.
+        """
+        try:
+            return Counters.from_wire(self.counts or [], self.tasks)
+        except (TypeError, ValueError) as exc:
+            raise HeartbeatError(f"malformed counts: {exc}") from None
 
     def current_task(self, age: float = 0.0) -> CurrentTask | None:
         """The running task this beat names, if any, as seen ``age`` seconds after the beat."""
@@ -157,14 +142,12 @@ def _current(running: tuple[RunningTask, ...]) -> RunningTask | None:
     return min(running, key=lambda r: (r.deadline is None, r.deadline or 0.0, r.started_at))
 
 
-def _task_chunks(tasks: Mapping[str, TaskStats], budget: int) -> list[dict[str, list[Any]]]:
+def _task_chunks(counters: Counters, budget: int) -> list[dict[str, list[Any]]]:
     """Per-task stats in chunks whose JSON fits ``budget`` bytes each (at least one chunk)."""
-    # A copy first: the loop's thread may add a task while the keeper's thread reads.
-    items = sorted(list(tasks.items()), key=lambda item: item[0])
     chunks: list[dict[str, list[Any]]] = [{}]
     used = 2
-    for name, stats in items:
-        key, wire = name[:_MAX_TEXT], stats.to_wire()
+    for name, wire in counters.task_wire():
+        key = name[:_MAX_TEXT]
         size = len(json.dumps(key)) + len(json.dumps(wire, separators=(",", ":"))) + 2
         if size + 2 > budget:
             continue  # cannot happen with names cut to _MAX_TEXT; never break the beat

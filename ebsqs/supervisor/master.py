@@ -5,7 +5,7 @@ Everything happens in one loop in the master's main thread: sleep until a heartb
 a timer; act on recorded signals; reap exited children; then act on the
 :class:`~ebsqs.supervisor.table.Table`'s decisions. Signal handlers only record the signal and
 wake the loop through a self-pipe. The master starts no thread of its own; the one exception is
-the metrics server with ``--metrics-port`` (:mod:`ebsqs.supervisor.metrics`), which holds no lock
+the metrics server with ``--metrics-port`` (:mod:`ebsqs.ops.metrics`), which holds no lock
 a child could need after a fork and whose socket children close.
 
 The master imports the app once, before the first fork, and never talks to the broker: it holds
@@ -31,17 +31,16 @@ from typing import NoReturn
 import psutil
 import structlog
 
-from ebsqs import executors, hooks
-from ebsqs.app import AppImportError
+from ebsqs import executors, middleware
 from ebsqs.brokers import from_url
-from ebsqs.errors import ConfigurationError
+from ebsqs.errors import AppImportError, ConfigurationError, ExitCode
 from ebsqs.supervisor.child import Child, ChildSpec, exit_child
-from ebsqs.supervisor.config import ExitCode, SupervisorConfig
+from ebsqs.supervisor.config import SupervisorConfig
 from ebsqs.supervisor.extension import Extension, Extensions
 from ebsqs.supervisor.heartbeat import BeatReader
 from ebsqs.supervisor.process import ExitStatus, set_title, signal_name
 from ebsqs.supervisor.reload import import_app
-from ebsqs.supervisor.snapshot import MasterState, Phase, SupervisorSnapshot
+from ebsqs.supervisor.snapshot import KillReason, MasterState, Phase, SupervisorSnapshot
 from ebsqs.supervisor.table import ChildRecord, Slot, Table, Verdict
 
 log = structlog.get_logger(__name__)
@@ -76,6 +75,8 @@ class Master:
         self._started = self.clock()
         self._stop_started = 0.0
         self._ready = False
+        self._next_tick = 0.0
+        self._tick_state: MasterState | None = None
         self._signals: deque[int] = deque()
         self._wake_r, self._wake_w = -1, -1
         self._selector = selectors.DefaultSelector()
@@ -133,7 +134,7 @@ class Master:
             concurrency=self.config.concurrency,
             app_modules=len(self.app_modules),
         )
-        self.extensions.on_starting(self)
+        self.extensions.on_starting(self.snapshot())
 
     @property
     def finished(self) -> bool:
@@ -146,7 +147,17 @@ class Master:
         self.handle_signals()
         self.reap()
         self.manage()
-        self.extensions.on_tick(self)
+        self._tick()
+
+    def _tick(self) -> None:
+        """``on_tick`` once a second, and at once on a change of state: the loop wakes on every
+        heartbeat, and a snapshot of every child is not worth building each time."""
+        now = self.clock()
+        if now < self._next_tick and self.state is self._tick_state:
+            return
+        self._next_tick = now + TICK
+        self._tick_state = self.state
+        self.extensions.on_tick(self.snapshot())
 
     def sleep(self) -> None:
         """Wait for a heartbeat, a signal or the next timer, reading whatever arrived."""
@@ -214,7 +225,7 @@ class Master:
         spec = ChildSpec(slot.queue, slot.index, self.table.generation, max_tasks, self.pid)
         read_fd, write_fd = os.pipe()
         child = Child(self.config, spec, write_fd, [*self._own_fds(), read_fd], self.app_modules)
-        hooks.fire("before_fork")  # e.g. Django closes its database connections here
+        middleware.before_fork()  # e.g. Django closes its database connections here
         try:
             pid = os.fork()
         except OSError as exc:
@@ -272,8 +283,6 @@ class Master:
         for beat in reader.read():
             if self.table.beat(pid, beat, now):
                 self._log_child("child_retired", self.table.children[pid], logger=log.info)
-            if pid in self.table.children:
-                self.extensions.on_heartbeat(self, self.table.children[pid], beat)
         if reader.malformed > malformed:
             log.warning("heartbeat_malformed", pid=pid, frames=reader.malformed - malformed)
         if reader.closed:
@@ -323,19 +332,19 @@ class Master:
             self.stop("a child could not boot (see child_boot_failed); not restarting it")
         else:
             self._log_child("child_exited", child, log.info, **fields)
-        self.extensions.on_child_exited(self, child, status, verdict)
+        self.extensions.on_child_exited(child.snapshot(now), status, verdict)
 
-    def murder(self, child: ChildRecord, reason: str) -> None:
+    def murder(self, child: ChildRecord, why: KillReason, reason: str) -> None:
         """A hung child: SIGABRT (its faulthandler dumps every thread's stack), and SIGCONT so a
         stopped child can act on it; SIGKILL follows after the murder grace."""
-        self.table.condemn(child, self.clock(), reason)
+        self.table.condemn(child, self.clock(), why, reason)
         self._log_child("child_killed", child, log.critical, signal="SIGABRT")
         self._signal(child, signal.SIGABRT)
         self._signal(child, signal.SIGCONT)
 
     def kill(self, child: ChildRecord) -> None:
         """SIGKILL: a hung child that outlived the murder grace, or a drain past its timeout."""
-        child.sigkilled = True
+        self.table.sigkilled(child)
         self._log_child("child_killed", child, log.warning, signal="SIGKILL")
         self._signal(child, signal.SIGKILL)
 
@@ -378,8 +387,8 @@ class Master:
     def manage(self) -> None:
         """Act on the table's decisions: kill the hung, replace, roll, scale, fill."""
         now = self.clock()
-        for child, reason in self.table.hung(now):
-            self.murder(child, reason)
+        for child, why, reason in self.table.hung(now):
+            self.murder(child, why, reason)
         for child in self.table.overdue(now):
             self.kill(child)
         if self.state in _STOPPED:
@@ -400,12 +409,12 @@ class Master:
             self._ready = True
             self.state = MasterState.RUNNING
             log.info("supervisor_ready", children=len(self.table.children))
-            self.extensions.on_ready(self)
+            self.extensions.on_ready(self.snapshot())
         if self.table.reload_finished():
             self.state = MasterState.RUNNING
             set_title("ebsqs: master")
             log.info("reload_completed", generation=self.table.generation)
-            self.extensions.on_reloaded(self)
+            self.extensions.on_reloaded(self.snapshot())
 
     def reload(self) -> None:
         """HUP: roll every child onto code imported afresh (by the new children, after fork)."""
@@ -415,7 +424,7 @@ class Master:
         self.state = MasterState.RELOADING
         set_title("ebsqs: master reloading")
         log.info("reload_started", generation=self.table.generation)
-        self.extensions.on_reload(self)
+        self.extensions.on_reload(self.snapshot())
 
     def scale(self, delta: int) -> None:
         """TTIN / TTOU: one more or one fewer child per queue (never below one)."""
@@ -439,7 +448,7 @@ class Master:
             children=len(self.table.children),
             graceful_timeout=self.config.graceful_timeout,
         )
-        self.extensions.on_stopping(self, graceful=True)
+        self.extensions.on_stopping(self.snapshot(), graceful=True)
         for child in list(self.table.children.values()):
             if child.phase in (Phase.BOOTING, Phase.RUNNING):
                 self.retire(child, reason)
@@ -454,7 +463,7 @@ class Master:
         self.state = MasterState.HALTING
         set_title("ebsqs: master halting")
         log.warning("fast_stop_started", reason=reason, children=len(self.table.children))
-        self.extensions.on_stopping(self, graceful=False)
+        self.extensions.on_stopping(self.snapshot(), graceful=False)
         now = self.clock()
         for child in list(self.table.children.values()):
             if child.phase is Phase.KILLING:
@@ -479,17 +488,16 @@ class Master:
         self._wake_r = self._wake_w = -1
         self._selector.close()
         self._remove_pidfile()
+        snapshot = self.snapshot()
         if self.state in _STOPPED:
-            snapshot = self.snapshot()
             log.info(
                 "drain_completed",
                 seconds=round(self.clock() - self._stop_started, 3),
-                done=snapshot.counts.done,
-                failed=snapshot.counts.failed,
+                **snapshot.counts.totals(),
                 restarts=snapshot.restarts,
                 recycled=snapshot.recycled,
             )
-        self.extensions.on_stopped(self, int(self.exit_code))
+        self.extensions.on_stopped(snapshot, int(self.exit_code))
         log.info("master_stopped", exit_code=int(self.exit_code))
 
     # -- pidfile ---------------------------------------------------------------------------

@@ -7,30 +7,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True, slots=True)
-class TaskCounts:
-    """Task outcomes: one child's since it started, or a sum over children."""
-
-    done: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-
-    def __add__(self, other: TaskCounts) -> TaskCounts:
-        return TaskCounts(
-            self.done + other.done,
-            self.failed + other.failed,
-            self.retried + other.retried,
-            self.dead_lettered + other.dead_lettered,
-        )
-
-    @property
-    def finished(self) -> int:
-        """Tasks that ran to an end (done or failed)."""
-        return self.done + self.failed
+from ebsqs.counters import Counters
 
 
 class Phase(enum.StrEnum):
@@ -40,6 +19,14 @@ class Phase(enum.StrEnum):
     RUNNING = "running"  # consuming (idle or busy)
     RETIRING = "retiring"  # draining: asked by the master, or stopping on its own
     KILLING = "killing"  # hung or overdue: SIGABRT sent, SIGKILL follows
+
+
+class KillReason(enum.StrEnum):
+    """Why the master killed a child (the ``reason`` label of ``ebsqs_child_kills_total``)."""
+
+    HUNG = "hung"  # no heartbeat for the heartbeat timeout
+    OVERDUE = "overdue"  # running a task past its hard limit (plus the grace)
+    STOP_TIMEOUT = "stop_timeout"  # still alive when its drain or fast stop ran out of time
 
 
 class MasterState(enum.StrEnum):
@@ -84,7 +71,7 @@ class ChildSnapshot:
         heartbeat_age: seconds since its last heartbeat (since the fork if none came yet).
         in_flight: messages it holds (running or fetched).
         task: what it is running, if anything.
-        counts: its task outcomes so far.
+        counts: what it counted so far (its last heartbeats').
         rss: resident memory in bytes, from its last heartbeat.
         restarts: unplanned replacements of its slot so far (crashes, hangs).
         running: tasks it is running (of ``in_flight``), from its last heartbeat.
@@ -100,7 +87,7 @@ class ChildSnapshot:
     heartbeat_age: float
     in_flight: int
     task: CurrentTask | None
-    counts: TaskCounts
+    counts: Counters
     rss: int
     restarts: int
     running: int = 0
@@ -116,9 +103,12 @@ class SupervisorSnapshot:
         uptime: seconds since the master started.
         targets: the wanted number of children per queue.
         children: every child the master tracks, retiring ones included.
-        counts: task outcomes over the master's lifetime: exited children plus live ones.
+        queue_counts: per queue, what its children counted over the master's lifetime (exited
+            children plus live ones): the one total that status, metrics and systemd read.
         restarts: unplanned replacements (crashes, hangs) over the master's lifetime.
         recycled: planned replacements (max tasks, max memory, reloads).
+        queue_restarts: ``restarts`` per queue.
+        kills: children killed, per queue and :class:`KillReason`.
     """
 
     pid: int
@@ -126,9 +116,16 @@ class SupervisorSnapshot:
     uptime: float
     targets: Mapping[str, int]
     children: tuple[ChildSnapshot, ...]
-    counts: TaskCounts
+    queue_counts: Mapping[str, Counters]
     restarts: int
     recycled: int
+    queue_restarts: Mapping[str, int] = field(default_factory=dict)
+    kills: Mapping[tuple[str, KillReason], int] = field(default_factory=dict)
+
+    @property
+    def counts(self) -> Counters:
+        """Everything counted over the master's lifetime, all queues together."""
+        return sum(self.queue_counts.values(), Counters())
 
     def running(self, queue: str) -> int:
         """Children of ``queue`` that are consuming now."""

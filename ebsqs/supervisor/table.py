@@ -12,20 +12,23 @@ but stays in the table until it is reaped, so its counters and its deadline are 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ebsqs.supervisor.config import ExitCode, SupervisorConfig
-from ebsqs.supervisor.heartbeat import Beat
+from ebsqs.counters import Counters
+from ebsqs.errors import ExitCode
+from ebsqs.supervisor.config import SupervisorConfig
+from ebsqs.supervisor.heartbeat import Beat, HeartbeatError
 from ebsqs.supervisor.process import ExitStatus
 from ebsqs.supervisor.snapshot import (
     ChildSnapshot,
+    KillReason,
     MasterState,
     Phase,
     SupervisorSnapshot,
-    TaskCounts,
 )
 
 #: Worker states (from heartbeats) in which a child is consuming.
@@ -77,10 +80,12 @@ class ChildRecord:
         phase: see :class:`Phase`.
         last_beat: when its last heartbeat arrived (its fork time until the first).
         beat: its last heartbeat, if any.
+        counts: what it counted, merged from its heartbeats (each may carry only some tasks).
         deadline_at: when its current task's hard limit passes, if it has one.
         kill_at: when it gets SIGKILL if still alive (retiring or being killed).
         sigkilled: SIGKILL was sent.
         reason: why it is retiring or being killed.
+        kill_reason: why the master is killing it, once it is.
     """
 
     slot: Slot
@@ -91,20 +96,17 @@ class ChildRecord:
     phase: Phase = Phase.BOOTING
     last_beat: float = 0.0
     beat: Beat | None = None
+    counts: Counters = field(default_factory=Counters)
     deadline_at: float | None = None
     kill_at: float | None = None
     sigkilled: bool = False
     reason: str | None = None
+    kill_reason: KillReason | None = None
 
     @property
     def attached(self) -> bool:
         """Whether it is its slot's consuming child."""
         return self.slot.child is self
-
-    @property
-    def counts(self) -> TaskCounts:
-        """Its task outcomes, from its last heartbeat."""
-        return self.beat.counts if self.beat else TaskCounts()
 
     def snapshot(self, now: float) -> ChildSnapshot:
         """A frozen copy for status and metrics."""
@@ -139,9 +141,12 @@ class Table:
         children: every live child, attached or not, by pid.
         generation: raised by each reload; children of older generations get rolled.
         reloading: a reload is rolling.
-        exited_counts: task outcomes of children that have exited, so totals survive restarts.
+        exited_counts: per queue, what children that have exited counted, so that totals
+            survive restarts (the lifetime total is this plus the live children's counts).
         restarts: unplanned replacements so far.
         recycled: planned replacements so far.
+        kills: children killed so far, per queue and reason.
+        queue_restarts: ``restarts`` per queue.
     """
 
     config: SupervisorConfig
@@ -151,9 +156,11 @@ class Table:
     children: dict[int, ChildRecord] = field(default_factory=dict)
     generation: int = 0
     reloading: bool = False
-    exited_counts: TaskCounts = field(default_factory=TaskCounts)
+    exited_counts: dict[str, Counters] = field(default_factory=dict)
     restarts: int = 0
     recycled: int = 0
+    kills: dict[tuple[str, KillReason], int] = field(default_factory=dict)
+    queue_restarts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -184,6 +191,9 @@ class Table:
         child = self.children.get(pid)
         if child is None:
             return False
+        # Malformed counts keep its last good ones; the beat still proves it alive.
+        with contextlib.suppress(HeartbeatError):
+            child.counts = child.counts.updated(beat.counters())
         child.beat = beat
         child.last_beat = now
         child.deadline_at = None if beat.deadline_in is None else now + beat.deadline_in
@@ -202,7 +212,11 @@ class Table:
             KeyError: the table does not know ``pid``.
         """
         child = self.children.pop(pid)
-        self.exited_counts += child.counts
+        queue = child.slot.queue
+        self.exited_counts[queue] = self.exited_counts.get(queue, Counters()) + child.counts
+        if child.kill_reason is not None:
+            key = (queue, child.kill_reason)
+            self.kills[key] = self.kills.get(key, 0) + 1
         slot = child.slot
         attached = child.attached
         if attached:
@@ -232,6 +246,7 @@ class Table:
         slot.failures += 1
         slot.restarts += 1
         self.restarts += 1
+        self.queue_restarts[slot.queue] = self.queue_restarts.get(slot.queue, 0) + 1
         slot.restart_reason = child.reason or "crashed"
         slot.not_before = now + self.restart_delay(slot.failures)
 
@@ -256,12 +271,19 @@ class Table:
         """``fork`` failed (out of processes or memory): try the slot again in a second."""
         slot.not_before = now + 1.0
 
-    def condemn(self, child: ChildRecord, now: float, reason: str) -> None:
+    def condemn(self, child: ChildRecord, now: float, why: KillReason, reason: str) -> None:
         """``child`` got SIGABRT: SIGKILL follows after the murder grace. It stays attached,
         so its slot is refilled (with backoff) once it is reaped."""
         child.phase = Phase.KILLING
         child.reason = reason
+        child.kill_reason = why
         child.kill_at = now + self.config.murder_grace
+
+    def sigkilled(self, child: ChildRecord) -> None:
+        """``child`` got SIGKILL: hung past the murder grace, or out of time to stop."""
+        child.sigkilled = True
+        if child.kill_reason is None:
+            child.kill_reason = KillReason.STOP_TIMEOUT
 
     def hurry(self, child: ChildRecord, now: float, within: float) -> None:
         """Move ``child``'s SIGKILL to at most ``within`` seconds from now (a fast stop)."""
@@ -296,7 +318,7 @@ class Table:
             slot for slot in self._wanted_slots() if slot.child is None and now >= slot.not_before
         ]
 
-    def hung(self, now: float) -> list[tuple[ChildRecord, str]]:
+    def hung(self, now: float) -> list[tuple[ChildRecord, KillReason, str]]:
         """Children to kill: silent past the heartbeat timeout, or running a task past its hard
         limit by more than the grace. Children already being killed are left out."""
         found = []
@@ -305,11 +327,12 @@ class Table:
                 continue
             silent = now - child.last_beat
             if silent > self.config.heartbeat_timeout:
-                found.append((child, f"no heartbeat for {silent:.1f} s"))
+                found.append((child, KillReason.HUNG, f"no heartbeat for {silent:.1f} s"))
             elif child.deadline_at is not None and (
                 now > child.deadline_at + self.config.deadline_grace
             ):
-                found.append((child, f"task {now - child.deadline_at:.1f} s past its hard limit"))
+                late = now - child.deadline_at
+                found.append((child, KillReason.OVERDUE, f"task {late:.1f} s past its hard limit"))
         return found
 
     def overdue(self, now: float) -> list[ChildRecord]:
@@ -335,7 +358,7 @@ class Table:
             if child.phase is Phase.RUNNING
             and child.beat is not None
             and child.beat.rss > limit
-            and child.beat.done + child.beat.failed + child.beat.retried > 0
+            and child.counts.attempts > 0
         ]
 
     def to_roll(self) -> list[ChildRecord]:
@@ -407,15 +430,24 @@ class Table:
         children = sorted(
             self.children.values(), key=lambda c: (c.slot.queue, c.slot.index, c.started)
         )
+        queue_counts = {queue: Counters() for queue in self.targets}
+        for queue, counts in self.exited_counts.items():
+            queue_counts[queue] = queue_counts.get(queue, Counters()) + counts
+        for child in children:
+            queue = child.slot.queue
+            queue_counts[queue] = queue_counts.get(queue, Counters()) + child.counts
+        restarts = {**dict.fromkeys(self.targets, 0), **self.queue_restarts}
         return SupervisorSnapshot(
             pid=pid,
             state=state,
             uptime=uptime,
             targets=dict(self.targets),
             children=tuple(child.snapshot(now) for child in children),
-            counts=sum((c.counts for c in children), self.exited_counts),
+            queue_counts=queue_counts,
             restarts=self.restarts,
             recycled=self.recycled,
+            queue_restarts=restarts,
+            kills=dict(self.kills),
         )
 
     # -- slots -----------------------------------------------------------------------------

@@ -5,9 +5,9 @@ created for this run on 127.0.0.1:5432 when PostgreSQL is there (tests that need
 reason otherwise). Both are migrated once per session. Subprocesses (``manage.py ...``) get the
 same databases through the environment (:func:`djproject_env`).
 
-What the app's ``ready()`` registers process-wide (settings source, hooks, commit hook) is taken
+What the app's ``ready()`` registers process-wide (settings source, middleware) is taken
 out again right after setup and put back only around each test here, so tests elsewhere in the
-session never see Django's settings or hooks.
+session never see Django's settings or middleware.
 
 Fixtures: ``django_state`` (autouse), ``db_alias`` (parametrized: sqlite, postgres),
 ``pg_alias`` (postgres or skip), ``memory_broker``, ``clean_rows``.
@@ -62,15 +62,13 @@ django.setup()
 
 import shop_tasks  # noqa: E402, F401 - the django-eb-sqs port: its tasks are the project's too
 
-from ebsqs import config, hooks  # noqa: E402
+from ebsqs import config, middleware  # noqa: E402
 from ebsqs.registry import registry  # noqa: E402
-from ebsqs.task import COMMIT_HOOKS  # noqa: E402
 
 # What ready() registered, kept aside and installed around each test of this directory.
-_REGISTERED = (list(config.SOURCES), list(hooks.HOOKS), list(COMMIT_HOOKS))
+_REGISTERED = (list(config.SOURCES), list(middleware.MIDDLEWARE))
 config.SOURCES.clear()
-hooks.HOOKS.clear()
-COMMIT_HOOKS.clear()
+middleware.MIDDLEWARE.clear()
 _TASKS = dict(registry._tasks)
 
 
@@ -112,17 +110,16 @@ def django_state() -> Iterator[None]:
     structlog's configuration too: commands run in-process configure it for their own output.
     """
     logging = structlog.get_config()
-    saved = (list(config.SOURCES), list(hooks.HOOKS), list(COMMIT_HOOKS))
+    saved = (list(config.SOURCES), list(middleware.MIDDLEWARE))
     saved_tasks = dict(registry._tasks)
-    sources, hook_objects, commit_hooks = _REGISTERED
+    sources, registered = _REGISTERED
     config.SOURCES[:] = sources
-    hooks.HOOKS[:] = hook_objects
-    COMMIT_HOOKS[:] = commit_hooks
+    middleware.MIDDLEWARE[:] = registered
     registry._tasks.update(_TASKS)
     try:
         yield
     finally:
-        config.SOURCES[:], hooks.HOOKS[:], COMMIT_HOOKS[:] = saved
+        config.SOURCES[:], middleware.MIDDLEWARE[:] = saved
         registry._tasks.clear()
         registry._tasks.update(saved_tasks)
         structlog.configure(**logging)

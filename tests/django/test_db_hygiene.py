@@ -18,8 +18,8 @@ import pytest
 from django.db import connections
 from django.test import override_settings
 
-from ebsqs import hooks
-from ebsqs.contrib.django.db import DJANGO_HOOKS
+from ebsqs import middleware
+from ebsqs.contrib.django.db import DB_HYGIENE
 from tests.django.helpers import run_worker
 
 pytestmark = pytest.mark.timeout(30)
@@ -49,20 +49,20 @@ def test_task_after_a_closed_or_broken_connection_succeeds(db_alias: str, execut
     worker = run_worker(["a"], executor=executor, concurrency=1)
 
     assert [name for name, _, _ in rows(db_alias)] == ["after close", "after break"]
-    assert (worker.counters.done, worker.counters.failed) == (4, 0)
+    assert (worker.counters.total("succeeded"), worker.counters.total("failed")) == (4, 0)
 
 
-def test_without_the_hooks_a_broken_connection_fails_the_next_task(db_alias: str) -> None:
-    """The control: the test above would fail if the hooks did nothing."""
+def test_without_the_middleware_a_broken_connection_fails_the_next_task(db_alias: str) -> None:
+    """The control: the test above would fail if the middleware did nothing."""
     from shop.tasks import break_connection, record
 
-    hooks.HOOKS.remove(DJANGO_HOOKS)
+    middleware.MIDDLEWARE.remove(DB_HYGIENE)
     break_connection.delay(db_alias)
     record.delay("after break", db_alias)
 
     worker = run_worker(["a"])
 
-    assert worker.counters.failed == 1
+    assert worker.counters.total("failed") == 1
     connections[db_alias].close()  # the inline executor ran the tasks in this thread
     assert rows(db_alias) == []
 
@@ -82,7 +82,7 @@ def test_task_after_postgres_ended_the_session_succeeds(
     worker = run_worker(["a"])
 
     assert [name for name, _, _ in rows(pg_alias)] == ["after kill"]
-    assert (worker.counters.done, worker.counters.failed) == (1, 1)
+    assert (worker.counters.total("succeeded"), worker.counters.total("failed")) == (1, 1)
 
 
 @pytest.mark.postgres
@@ -110,7 +110,7 @@ def test_before_fork_leaves_no_connection_open(db_alias: str) -> None:
     Row.objects.using(db_alias).count()
     assert connections[db_alias].connection is not None
 
-    hooks.fire("before_fork")
+    middleware.before_fork()
 
     assert [c.alias for c in connections.all(initialized_only=True) if c.connection] == []
 

@@ -16,7 +16,7 @@ import pytest
 
 from ebsqs.brokers import OutgoingMessage
 from ebsqs.brokers.sqs import SQSBroker
-from ebsqs.settle import ERROR, ERROR_TYPE, REASON
+from ebsqs.worker.settle import ERROR, ERROR_TYPE, REASON
 from tests.integration.processes import APP, Backend
 
 RECORD = "tests.fixtures.worker_tasks.record"

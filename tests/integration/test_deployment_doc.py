@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from ebsqs.supervisor.systemd import ebsqs_program
+from ebsqs.ops.systemd import ebsqs_program
 from tests import servers
 from tests.integration.processes import clean_env, run_ebsqs
 

@@ -28,8 +28,8 @@ import pytest
 from ebsqs.brokers import Broker, OutgoingMessage, from_url
 from ebsqs.config import Settings
 from ebsqs.envelope import Envelope, encode
+from ebsqs.ops import status as status_doc
 from ebsqs.producer import ensure_queue
-from ebsqs.supervisor import status as status_doc
 from tests import prometheus, servers
 from tests.integration.processes import clean_env
 from tests.waiting import wait_until
@@ -322,7 +322,9 @@ def test_status_shows_children_per_queue_and_what_they_run(
     assert all(row[pid_column - 1].isdigit() for row in rows)  # right-aligned under PID
 
     (tmp_path / "gate").touch()
-    wait_until(lambda: (s := sup.status()) and s["counts"]["done"] == 25, 20, message=sup.describe)
+    wait_until(
+        lambda: (s := sup.status()) and s["counts"]["succeeded"] == 25, 20, message=sup.describe
+    )
     os.kill(sup.pid, signal.SIGTERM)
     assert sup.process.wait(30) == 0
     assert not sup.status_path.exists()

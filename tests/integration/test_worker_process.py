@@ -21,7 +21,7 @@ import pytest
 from ebsqs import MessageTooLargeError, SerializationError
 from ebsqs.brokers import OutgoingMessage
 from ebsqs.envelope import Envelope, decode, encode
-from ebsqs.settle import ATTEMPTS, ERROR, ERROR_TYPE, REASON, SOURCE, TASK
+from ebsqs.worker.settle import ATTEMPTS, ERROR, ERROR_TYPE, REASON, SOURCE, TASK
 from tests.fixtures import worker_tasks
 from tests.integration.processes import Backend
 from tests.waiting import wait_until

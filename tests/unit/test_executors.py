@@ -24,9 +24,9 @@ from structlog.testing import capture_logs
 
 from ebsqs.envelope import Envelope
 from ebsqs.errors import SoftTimeLimitExceeded
-from ebsqs.execution import Job, Outcome, OutcomeKind, soft_time_limit
 from ebsqs.executors import Executor, available, create
 from ebsqs.executors.asyncio import AsyncioExecutor
+from ebsqs.executors.execution import Job, Outcome, OutcomeKind, soft_time_limit
 from ebsqs.executors.inline import InlineExecutor
 from ebsqs.executors.process import ProcessExecutor
 from ebsqs.executors.thread import ThreadExecutor
@@ -561,7 +561,7 @@ def test_process_pool_dies_with_its_worker(tmp_path: Path) -> None:
         f"""
         import time
         from ebsqs.envelope import Envelope
-        from ebsqs.execution import Job
+        from ebsqs.executors.execution import Job
         from ebsqs.executors.process import ProcessExecutor
         from ebsqs.registry import TaskRegistry
         from ebsqs.task import Task

@@ -16,13 +16,16 @@ from collections.abc import Iterator
 import pytest
 
 from ebsqs.backoff import Backoff
-from ebsqs.errors import ConfigurationError
-from ebsqs.supervisor.config import ExitCode, QueueSpec, SupervisorConfig, parse_queues
+from ebsqs.counters import TASK_COUNTERS, Counters
+from ebsqs.errors import ConfigurationError, ExitCode
+from ebsqs.supervisor.config import QueueSpec, SupervisorConfig, parse_queues
 from ebsqs.supervisor.heartbeat import MAX_FRAME, Beat, BeatReader, BeatWriter, encode
 from ebsqs.supervisor.process import ExitStatus
-from ebsqs.supervisor.snapshot import MasterState, Phase, TaskCounts
+from ebsqs.supervisor.snapshot import KillReason, MasterState, Phase
 from ebsqs.supervisor.table import ChildRecord, Slot, Table, Verdict
-from ebsqs.worker import Counters, RunningTask, WorkerState, WorkerStatus
+from ebsqs.worker import RunningTask, WorkerState, WorkerStatus
+
+OUTCOMES = {item.name for item in TASK_COUNTERS}
 
 OK = ExitStatus(0, None)
 CRASH = ExitStatus(1, None)
@@ -51,7 +54,16 @@ class World:
         return self.table.spawned(slot, next(self._pids), self.now, self.table.max_tasks())
 
     def beat(self, child: ChildRecord, state: str = "idle", **fields: object) -> bool:
-        return self.table.beat(child.pid, Beat(child.pid, state, **fields), self.now)  # type: ignore[arg-type]
+        """A beat with ``fields``; outcome counts (``succeeded=3``...) are task ``t``'s."""
+        counters = Counters()
+        for name in [key for key in fields if key in OUTCOMES]:
+            count = int(fields.pop(name))  # type: ignore[call-overload]
+            setattr(counters.task("t"), name, count)
+            for _ in range(count):
+                counters.task("t").observe(0.01)
+        wire = {"counts": counters.queue_wire(), "tasks": dict(counters.task_wire())}
+        beat = Beat(child.pid, state, **wire, **fields)  # type: ignore[arg-type]
+        return self.table.beat(child.pid, beat, self.now)
 
     def boot(self) -> list[ChildRecord]:
         """Fill every slot and let every new child report in."""
@@ -195,15 +207,15 @@ def test_a_silent_child_is_hung_after_the_heartbeat_timeout() -> None:
     assert w.table.hung(w.now) == []
     w.now += 0.5
     w.beat(chatty)
-    [(found, reason)] = w.table.hung(w.now)
-    assert found is quiet and "no heartbeat for 30.5 s" in reason
+    [(found, why, reason)] = w.table.hung(w.now)
+    assert found is quiet and why is KillReason.HUNG and "no heartbeat for 30.5 s" in reason
 
 
 def test_a_child_that_never_reports_in_is_hung_too() -> None:
     w = world({"a": 1}, heartbeat_timeout=5.0)
     [child] = w.fill()
     w.now += 5.1
-    assert [c for c, _ in w.table.hung(w.now)] == [child]
+    assert [c for c, _, _ in w.table.hung(w.now)] == [child]
 
 
 def test_a_task_past_its_hard_limit_gets_its_child_killed_despite_heartbeats() -> None:
@@ -216,21 +228,22 @@ def test_a_task_past_its_hard_limit_gets_its_child_killed_despite_heartbeats() -
         assert w.table.hung(w.now) == []
     w.now += 0.5
     w.beat(child, "busy", task="t", task_id="id", deadline_in=child.deadline_at - w.now)  # type: ignore[operator]
-    [(found, reason)] = w.table.hung(w.now)
-    assert found is child and "past its hard limit" in reason
+    [(found, why, reason)] = w.table.hung(w.now)
+    assert found is child and why is KillReason.OVERDUE and "past its hard limit" in reason
 
 
 def test_a_condemned_child_is_killed_after_the_murder_grace_and_its_slot_backs_off() -> None:
     w = world({"a": 1}, murder_grace=1.0, heartbeat_timeout=2.0)
     [child] = w.boot()
     w.now += 3
-    w.table.condemn(child, w.now, "no heartbeat")
+    w.table.condemn(child, w.now, KillReason.HUNG, "no heartbeat")
     assert w.table.hung(w.now) == []  # not twice
     assert w.table.overdue(w.now + 0.9) == []
     assert w.table.overdue(w.now + 1.0) == [child]
     assert child.attached  # its slot refills once it is reaped
     assert w.exit(child, ExitStatus(None, 6)) is Verdict.CRASHED
     assert child.slot.restart_reason == "no heartbeat"
+    assert w.table.kills == {("a", KillReason.HUNG): 1}
 
 
 def test_a_retiring_child_gets_the_graceful_timeout_then_sigkill() -> None:
@@ -248,7 +261,7 @@ def test_a_retiring_child_gets_the_graceful_timeout_then_sigkill() -> None:
 def test_memory_hogs_are_recycled_once_they_ran_a_task() -> None:
     w = world({"a": 2}, max_memory_per_child=100)
     small, big = w.boot()
-    w.beat(small, rss=50 << 20, done=3)
+    w.beat(small, rss=50 << 20, succeeded=3)
     w.beat(big, rss=101 << 20)
     assert w.table.to_recycle() == []  # born over the limit: a replacement would be too
     w.beat(big, rss=101 << 20, failed=1)
@@ -338,14 +351,21 @@ def test_hup_waits_while_a_slot_of_the_queue_is_down() -> None:
 def test_counts_survive_child_restarts() -> None:
     w = world({"a": 2})
     one, two = w.boot()
-    w.beat(one, done=5, failed=1)
-    w.beat(two, done=3, retried=2)
+    w.beat(one, succeeded=5, failed=1)
+    w.beat(two, succeeded=3, retried=2)
     w.exit(one, KILLED)
     [three] = w.boot()
-    w.beat(three, "busy", done=1, task="t", task_id="x", task_age=2.0, deadline_in=8.0)
+    w.beat(three, "busy", succeeded=1, task="t", task_id="x", task_age=2.0, deadline_in=8.0)
     w.now += 0.5
     snap = w.table.snapshot(w.now, pid=1, state=MasterState.RUNNING, uptime=9.0)
-    assert snap.counts == TaskCounts(done=9, failed=1, retried=2)
+    assert snap.counts.totals() == {
+        "succeeded": 9,
+        "failed": 1,
+        "retried": 2,
+        "dead_lettered": 0,
+        "deferred": 0,
+    }
+    assert snap.queue_restarts == {"a": 1}
     assert snap.restarts == 1 and snap.running("a") == 2
     child = next(c for c in snap.children if c.pid == three.pid)
     assert child.state == "busy" and child.restarts == 1 and child.heartbeat_age == 0.5
@@ -368,7 +388,9 @@ def pipe() -> Iterator[tuple[BeatReader, BeatWriter]]:
 
 def test_beats_cross_the_pipe_whole_and_in_order(pipe: tuple[BeatReader, BeatWriter]) -> None:
     reader, writer = pipe
-    beats = [Beat(7, "busy", 1, 1, "t", "id", 0.5, 3.0, i, 0, 0, 0, 1 << 20, 1.0) for i in range(3)]
+    beats = [
+        Beat(7, "busy", 1, 1, "t", "id", 0.5, 3.0, 1 << 20, 1.0, [i, 0, 0, 0]) for i in range(3)
+    ]
     for beat in beats:
         assert writer.send(beat)
     assert reader.read() == beats
@@ -394,8 +416,10 @@ def test_a_beat_reports_the_task_nearest_its_hard_limit() -> None:
         RunningTask("tight", "2", "a", started_at=95.0, deadline=103.0),
         RunningTask("loose", "3", "a", started_at=80.0, deadline=200.0),
     )
-    counters = Counters(done=4, failed=1, retried=2, dead_lettered=3)
+    counters = Counters(receives=9)
+    stats = counters.task("t")
+    stats.succeeded, stats.failed, stats.retried, stats.dead_lettered = 4, 1, 2, 3
     beat = Beat.from_status(7, WorkerStatus(WorkerState.BUSY, 5, running, counters, 100.0), 123)
     assert (beat.task, beat.task_id, beat.task_age, beat.deadline_in) == ("tight", "2", 5.0, 3.0)
     assert (beat.state, beat.in_flight, beat.running, beat.rss) == ("busy", 5, 3, 123)
-    assert beat.counts == TaskCounts(4, 1, 2, 3)
+    assert beat.counters() == counters

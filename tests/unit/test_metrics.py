@@ -1,11 +1,28 @@
-"""The master's metrics: aggregation across child lifetimes, and the Prometheus text."""
+"""The one count model (ebsqs.counters) and the Prometheus text rendered from a snapshot."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
+
 import pytest
 
-from ebsqs.stats import DURATION_BUCKETS, REJECTED, TaskStats
-from ebsqs.supervisor.metrics import ChildGauge, ChildReport, MetricsRegistry
+from ebsqs.counters import (
+    DURATION_BUCKETS,
+    QUEUE_COUNTERS,
+    REJECTED,
+    TASK_COUNTERS,
+    Counters,
+    TaskStats,
+)
+from ebsqs.ops.metrics import Metrics, render
+from ebsqs.supervisor.snapshot import (
+    ChildSnapshot,
+    KillReason,
+    MasterState,
+    Phase,
+    SupervisorSnapshot,
+)
 from tests import prometheus
 
 
@@ -16,15 +33,33 @@ def stats(succeeded: int = 0, failed: int = 0, retried: int = 0, *durations: flo
     return result
 
 
-def scrape(registry: MetricsRegistry, now: float = 0.0) -> dict[prometheus.Key, float]:
-    return prometheus.parse(registry.render(now))
+def snapshot(
+    queue_counts: Mapping[str, Counters],
+    children: tuple[ChildSnapshot, ...] = (),
+    **fields: object,
+) -> SupervisorSnapshot:
+    return SupervisorSnapshot(
+        pid=1,
+        state=MasterState.RUNNING,
+        uptime=1.0,
+        targets={queue: 1 for queue in queue_counts},
+        children=children,
+        queue_counts=queue_counts,
+        restarts=0,
+        recycled=0,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def scrape(snap: SupervisorSnapshot, age: float = 0.0) -> dict[prometheus.Key, float]:
+    return prometheus.parse(render(snap, age))
 
 
 def succeeded(samples: dict[prometheus.Key, float], queue: str, task: str) -> float:
     return prometheus.value(samples, "ebsqs_tasks_succeeded_total", queue=queue, task=task)
 
 
-# -- TaskStats ------------------------------------------------------------------------------
+# -- TaskStats and Counters -----------------------------------------------------------------
 
 
 def test_durations_fall_in_inclusive_buckets() -> None:
@@ -32,7 +67,7 @@ def test_durations_fall_in_inclusive_buckets() -> None:
     assert result.buckets[0] == 2  # 0.005 itself and a clock that went backwards
     assert result.buckets[1] == 1
     assert result.buckets[-1] == 1
-    assert result.duration_count == 4
+    assert result.attempts == 4
     assert result.duration_sum == pytest.approx(7200.0101)
 
 
@@ -41,94 +76,97 @@ def test_task_stats_wire_form_round_trips() -> None:
     original.observe(0.2)
     original.observe(0.2)
     wire = original.to_wire()
-    assert len(wire) == 5 + 6  # trailing zero buckets are left out
+    # How many counters, the counters, the sum, then buckets up to the last non-zero one.
+    assert len(wire) == 1 + len(TASK_COUNTERS) + 1 + 6
     assert TaskStats.from_wire(wire) == original
     assert TaskStats.from_wire(TaskStats().to_wire()) == TaskStats()
-    with pytest.raises(ValueError, match="fields"):
+    with pytest.raises(ValueError, match="wire format"):
         TaskStats.from_wire([1, 2])
+
+
+def test_task_stats_from_newer_code_with_more_counters_are_read_up_to_ours() -> None:
+    original = stats(3, 1, 0, 0.2)
+    wire = original.to_wire()
+    count = wire[0]
+    newer = [count + 1, *wire[1 : count + 1], 77, *wire[count + 1 :]]
+    assert TaskStats.from_wire(newer) == original
 
 
 def test_task_stats_add_up() -> None:
     total = stats(1, 0, 0, 0.1) + stats(2, 1, 1, 0.1, 5.0)
     assert (total.succeeded, total.failed, total.retried) == (3, 1, 1)
-    assert total.duration_count == 3
+    assert total.attempts == 3
 
 
-# -- aggregation ----------------------------------------------------------------------------
+def test_counters_add_up_per_queue_counter_and_per_task() -> None:
+    one = Counters(receives=2, tasks={"t": stats(1), "u": stats(2)})
+    two = Counters(receives=3, extended=1, tasks={"t": stats(3)})
+    total = one + two
+    assert (total.receives, total.extended) == (5, 1)
+    assert total.tasks["t"].succeeded == 4 and total.tasks["u"].succeeded == 2
+    assert total.total("succeeded") == 6 and total.finished == 6
+    assert one.tasks["t"].succeeded == 1  # the operands are left alone
 
 
-def test_live_reports_replace_each_other() -> None:
-    registry = MetricsRegistry(["a"])
-    registry.report(1, ChildReport("a", tasks={"t": stats(5)}))
-    registry.report(1, ChildReport("a", tasks={"t": stats(8)}))
-    assert succeeded(scrape(registry), "a", "t") == 8
+def test_a_later_report_keeps_the_tasks_it_leaves_out() -> None:
+    first = Counters(receives=1, tasks={"t": stats(5), "u": stats(1)})
+    merged = first.updated(Counters(receives=2, tasks={"u": stats(2)}))
+    assert merged.receives == 2
+    assert merged.tasks["t"].succeeded == 5 and merged.tasks["u"].succeeded == 2
 
 
-def test_tasks_left_out_of_a_report_keep_their_counts() -> None:
-    registry = MetricsRegistry(["a"])
-    registry.report(1, ChildReport("a", receives=1, tasks={"t": stats(5), "u": stats(1)}))
-    registry.report(1, ChildReport("a", receives=2, tasks={"u": stats(2)}))
-    samples = scrape(registry)
-    assert succeeded(samples, "a", "t") == 5
-    assert succeeded(samples, "a", "u") == 2
-    assert prometheus.value(samples, "ebsqs_receives_total", queue="a") == 2
-
-
-def test_counters_survive_a_child_exit() -> None:
-    registry = MetricsRegistry(["a"])
-    registry.report(("a", 1, 100), ChildReport("a", receives=4, tasks={"t": stats(10, 1)}))
-    registry.retire(("a", 1, 100))
-    registry.report(("a", 1, 101), ChildReport("a", receives=2, tasks={"t": stats(3)}))
-    samples = scrape(registry)
-    assert succeeded(samples, "a", "t") == 13
-    assert prometheus.value(samples, "ebsqs_tasks_failed_total", queue="a", task="t") == 1
-    assert prometheus.value(samples, "ebsqs_receives_total", queue="a") == 6
-
-
-def test_a_report_read_after_the_exit_counts_once() -> None:
-    registry = MetricsRegistry()
-    registry.report("child", ChildReport("a", tasks={"t": stats(10)}))
-    registry.retire("child")
-    registry.report("child", ChildReport("a", tasks={"t": stats(10)}))
-    registry.retire("child")
-    assert succeeded(scrape(registry), "a", "t") == 10
-
-
-def test_children_of_several_queues_and_tasks_add_up() -> None:
-    registry = MetricsRegistry(["a", "b"])
-    registry.report(1, ChildReport("a", tasks={"t": stats(1), "u": stats(2)}))
-    registry.report(2, ChildReport("a", tasks={"t": stats(3)}))
-    registry.report(3, ChildReport("b", tasks={"t": stats(4)}))
-    samples = scrape(registry)
-    assert succeeded(samples, "a", "t") == 4
-    assert succeeded(samples, "a", "u") == 2
-    assert succeeded(samples, "b", "t") == 4
-
-
-def test_queues_are_listed_before_any_report() -> None:
-    registry = MetricsRegistry(["a"])
-    samples = scrape(registry)
-    assert ("ebsqs_receives_total", frozenset({("queue", "a")})) in samples
-    assert ("ebsqs_child_restarts_total", frozenset({("queue", "a")})) in samples
-
-
-def test_restarts_and_kills_are_counted() -> None:
-    registry = MetricsRegistry(["a"])
-    registry.count_restart("a")
-    registry.count_restart("a")
-    registry.count_kill("a", "hung")
-    samples = scrape(registry)
-    assert prometheus.value(samples, "ebsqs_child_restarts_total", queue="a") == 2
-    assert prometheus.value(samples, "ebsqs_child_kills_total", queue="a", reason="hung") == 1
+def test_counters_round_trip_through_the_heartbeat_wire() -> None:
+    counters = Counters(receives=9, empty_receives=4, received=5, extended=2)
+    counters.tasks["t"] = stats(3, 0, 1, 0.2)
+    again = Counters.from_wire(counters.queue_wire(), dict(counters.task_wire()))
+    assert again == counters
+    assert Counters.from_wire([1], {"bad": ["x"]}) == Counters(receives=1)
 
 
 # -- exposition -----------------------------------------------------------------------------
 
 
+def test_counters_per_queue_and_task() -> None:
+    snap = snapshot(
+        {
+            "a": Counters(receives=6, tasks={"t": stats(13, 1), "u": stats(2)}),
+            "b": Counters(tasks={"t": stats(4)}),
+        }
+    )
+    samples = scrape(snap)
+    assert succeeded(samples, "a", "t") == 13
+    assert succeeded(samples, "a", "u") == 2
+    assert succeeded(samples, "b", "t") == 4
+    assert prometheus.value(samples, "ebsqs_tasks_failed_total", queue="a", task="t") == 1
+    assert prometheus.value(samples, "ebsqs_receives_total", queue="a") == 6
+
+
+def test_every_declared_counter_is_a_metric_family() -> None:
+    """Adding a counter field is the whole change: it is rendered with its name and help."""
+    text = render(snapshot({"a": Counters(tasks={"t": stats(1)})}))
+    for item in (*TASK_COUNTERS, *QUEUE_COUNTERS):
+        assert f"# HELP {item.metric} {item.help}" in text
+        assert f"# TYPE {item.metric} counter" in text
+
+
+def test_queues_restarts_and_kills_exist_at_zero_before_any_event() -> None:
+    samples = scrape(snapshot({"a": Counters()}, queue_restarts={"a": 0}))
+    assert prometheus.value(samples, "ebsqs_receives_total", queue="a") == 0
+    assert prometheus.value(samples, "ebsqs_child_restarts_total", queue="a") == 0
+    for reason in KillReason:
+        labels = {"queue": "a", "reason": str(reason)}
+        assert prometheus.value(samples, "ebsqs_child_kills_total", **labels) == 0
+
+
+def test_restarts_and_kills_are_counted() -> None:
+    snap = snapshot({"a": Counters()}, queue_restarts={"a": 2}, kills={("a", KillReason.HUNG): 1})
+    samples = scrape(snap)
+    assert prometheus.value(samples, "ebsqs_child_restarts_total", queue="a") == 2
+    assert prometheus.value(samples, "ebsqs_child_kills_total", queue="a", reason="hung") == 1
+
+
 def test_histogram_buckets_are_cumulative_and_end_at_inf() -> None:
-    registry = MetricsRegistry()
-    registry.report(1, ChildReport("a", tasks={"t": stats(3, 0, 0, 0.003, 0.3, 30000.0)}))
-    samples = scrape(registry)
+    samples = scrape(snapshot({"a": Counters(tasks={"t": stats(3, 0, 0, 0.003, 0.3, 30000.0)})}))
     labels = {"queue": "a", "task": "t"}
 
     def bucket(le: str) -> float:
@@ -147,17 +185,37 @@ def test_histogram_buckets_are_cumulative_and_end_at_inf() -> None:
     assert len(bounds) == len(DURATION_BUCKETS) + 1
 
 
-def test_gauges_describe_the_live_children() -> None:
-    registry = MetricsRegistry(["a"])
-    registry.set_children(
-        [
-            ChildGauge("a", 1, "busy", 0.5, in_flight=2, running=1, rss=1000, at=10.0),
-            ChildGauge("a", 2, "idle", 0.25, rss=2000, at=10.0),
-        ]
+def child(slot: int, state: str, heartbeat_age: float, **fields: object) -> ChildSnapshot:
+    base = ChildSnapshot(
+        queue="a",
+        slot=slot,
+        pid=100 + slot,
+        phase=Phase.RUNNING,
+        state=state,
+        generation=0,
+        uptime=5.0,
+        heartbeat_age=heartbeat_age,
+        in_flight=0,
+        task=None,
+        counts=Counters(),
+        rss=0,
+        restarts=0,
     )
-    samples = scrape(registry, now=11.0)
+    return dataclasses.replace(base, **fields)  # type: ignore[arg-type]
+
+
+def test_gauges_describe_the_live_children_aged_since_the_snapshot() -> None:
+    children = (
+        child(1, "busy", 0.5, in_flight=2, running=1, rss=1000),
+        child(2, "idle", 0.25, rss=2000),
+        child(3, "draining", 0.0, phase=Phase.KILLING),
+    )
+    metrics = Metrics()
+    metrics.update(snapshot({"a": Counters()}, children), at=10.0)
+    samples = prometheus.parse(metrics.render(now=11.0))
     assert prometheus.value(samples, "ebsqs_children", queue="a", state="busy") == 1
     assert prometheus.value(samples, "ebsqs_children", queue="a", state="idle") == 1
+    assert prometheus.value(samples, "ebsqs_children", queue="a", state="killing") == 1
     assert prometheus.value(samples, "ebsqs_tasks_in_flight", queue="a") == 1
     assert prometheus.value(samples, "ebsqs_messages_held", queue="a") == 2
     age = "ebsqs_child_heartbeat_age_seconds"
@@ -167,22 +225,22 @@ def test_gauges_describe_the_live_children() -> None:
     assert prometheus.value(samples, rss, queue="a", slot="2") == 2000
 
 
+def test_nothing_is_served_before_the_first_snapshot() -> None:
+    assert Metrics().render() == ""
+
+
 def test_label_values_are_escaped() -> None:
-    registry = MetricsRegistry()
-    registry.report(1, ChildReport("a", tasks={'odd"name\\x\n': stats(1), REJECTED: TaskStats()}))
-    text = registry.render(0.0)
+    tasks = {'odd"name\\x\n': stats(1), REJECTED: TaskStats(dead_lettered=1)}
+    text = render(snapshot({"a": Counters(tasks=tasks)}))
     assert 'task="odd\\"name\\\\x\\n"' in text
     samples = prometheus.parse(text)
     assert succeeded(samples, "a", 'odd"name\\x\n') == 1
-    assert ("ebsqs_tasks_dead_lettered_total", frozenset({("queue", "a"), ("task", REJECTED)})) in (
-        samples
-    )
+    dead = "ebsqs_tasks_dead_lettered_total"
+    assert prometheus.value(samples, dead, queue="a", task=REJECTED) == 1
 
 
 def test_every_family_has_help_and_type() -> None:
-    registry = MetricsRegistry(["a"])
-    registry.report(1, ChildReport("a", tasks={"t": stats(1, 0, 0, 0.1)}))
-    lines = registry.render(0.0).splitlines()
+    lines = render(snapshot({"a": Counters(tasks={"t": stats(1, 0, 0, 0.1)})})).splitlines()
     helps = {line.split()[2] for line in lines if line.startswith("# HELP ")}
     types = {line.split()[2] for line in lines if line.startswith("# TYPE ")}
     assert helps == types

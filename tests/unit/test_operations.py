@@ -5,34 +5,35 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ebsqs.stats import TaskStats
+from ebsqs.counters import Counters, TaskStats
+from ebsqs.ops.operations import Operations, pool_health, summary
+from ebsqs.ops.status import StatusFile, read_status
+from ebsqs.ops.systemd import Notifier
 from ebsqs.supervisor.config import QueueSpec, SupervisorConfig
 from ebsqs.supervisor.heartbeat import MAX_FRAME, Beat, decode, encode
-from ebsqs.supervisor.metrics import MetricsRegistry
-from ebsqs.supervisor.operations import Operations, pool_health, report, summary
+from ebsqs.supervisor.process import ExitStatus
 from ebsqs.supervisor.snapshot import (
     ChildSnapshot,
+    KillReason,
     MasterState,
     Phase,
     SupervisorSnapshot,
-    TaskCounts,
 )
-from ebsqs.supervisor.status import StatusFile, read_status
-from ebsqs.supervisor.systemd import Notifier
-from ebsqs.worker import Counters, WorkerState, WorkerStatus
+from ebsqs.supervisor.table import Table
+from ebsqs.worker import WorkerState, WorkerStatus
 from tests import prometheus
 
 # -- heartbeats carry per-task stats ----------------------------------------------------------
 
 
 def status_with(tasks: dict[str, TaskStats], at: float = 1000.0) -> WorkerStatus:
-    counters = Counters(done=3, receives=9, empty_receives=4, received=5, extended=2, tasks=tasks)
+    counters = Counters(receives=9, empty_receives=4, received=5, extended=2, tasks=tasks)
     return WorkerStatus(WorkerState.IDLE, 0, (), counters, at)
 
 
@@ -42,8 +43,14 @@ def test_a_beat_round_trips_with_its_task_stats() -> None:
     beat = Beat.from_status(42, status_with({"t": stats}), rss=1000)
     again = decode(encode(beat)[4:])
     assert again == beat
-    assert (again.receives, again.empty_receives, again.received, again.extended) == (9, 4, 5, 2)
-    assert report("a", again).tasks == {"t": stats}
+    counts = again.counters()
+    assert (counts.receives, counts.empty_receives, counts.received, counts.extended) == (
+        9,
+        4,
+        5,
+        2,
+    )
+    assert counts.tasks == {"t": stats}
 
 
 def test_many_tasks_are_split_into_parts_that_each_fit_a_frame() -> None:
@@ -63,7 +70,7 @@ def test_many_tasks_are_split_into_parts_that_each_fit_a_frame() -> None:
 
 def test_malformed_task_entries_are_skipped() -> None:
     beat = Beat(pid=1, state="idle", tasks={"good": TaskStats(1).to_wire(), "bad": [1]})
-    assert set(report("a", beat).tasks) == {"good"}
+    assert set(beat.counters().tasks) == {"good"}
 
 
 # -- summary and health -----------------------------------------------------------------------
@@ -81,11 +88,15 @@ def child(**changes: Any) -> ChildSnapshot:
         heartbeat_age=0.5,
         in_flight=0,
         task=None,
-        counts=TaskCounts(),
+        counts=Counters(),
         rss=0,
         restarts=0,
     )
     return replace(base, **changes)
+
+
+def counts(succeeded: int, failed: int) -> Counters:
+    return Counters(tasks={"t": TaskStats(succeeded=succeeded, failed=failed)})
 
 
 def snapshot(*children: ChildSnapshot, **changes: Any) -> SupervisorSnapshot:
@@ -95,7 +106,7 @@ def snapshot(*children: ChildSnapshot, **changes: Any) -> SupervisorSnapshot:
         uptime=10.0,
         targets={"a": 2, "b": 1},
         children=children,
-        counts=TaskCounts(done=7, failed=1),
+        queue_counts={"a": counts(7, 1), "b": Counters()},
         restarts=2,
         recycled=0,
     )
@@ -119,15 +130,6 @@ def test_pool_health() -> None:
 
 
 # -- the extension with a fake master ---------------------------------------------------------
-
-
-@dataclass
-class FakeMaster:
-    snap: SupervisorSnapshot
-    state: MasterState = MasterState.RUNNING
-
-    def snapshot(self) -> SupervisorSnapshot:
-        return replace(self.snap, state=self.state)
 
 
 class Clock:
@@ -166,73 +168,70 @@ def operations(tmp_path: Path, clock: Clock) -> Operations:
 def test_ready_status_and_watchdog(tmp_path: Path, systemd: socket.socket) -> None:
     clock = Clock()
     ops = operations(tmp_path, clock)
-    master: Any = FakeMaster(snapshot(child(), child(slot=2, pid=102), child(queue="b", pid=103)))
-    ops.on_ready(master)
+    snap = snapshot(child(), child(slot=2, pid=102), child(queue="b", pid=103))
+    ops.on_ready(snap)
     assert messages(systemd) == [
         "READY=1\nSTATUS=a 2/2 up, 0 busy; b 1/1 up, 0 busy; done 7, failed 1, restarts 2"
     ]
     assert read_status(tmp_path / "status.json")["master"]["state"] == "running"
-    ops.on_tick(master)
+    ops.on_tick(snap)
     clock.now = 0.5
-    ops.on_tick(master)  # not due yet
+    ops.on_tick(snap)  # not due yet
     clock.now = 1.0
-    ops.on_tick(master)
+    ops.on_tick(snap)
     assert messages(systemd) == ["WATCHDOG=1", "WATCHDOG=1"]
 
 
 def test_no_watchdog_while_a_child_is_being_killed(tmp_path: Path, systemd: socket.socket) -> None:
     clock = Clock()
     ops = operations(tmp_path, clock)
-    master: Any = FakeMaster(snapshot(child(phase=Phase.KILLING)))
+    snap = snapshot(child(phase=Phase.KILLING))
     for second in range(3):
         clock.now = float(second)
-        ops.on_tick(master)
+        ops.on_tick(snap)
     assert not any(m == "WATCHDOG=1" for m in messages(systemd))
 
 
 def test_reload_and_stop(tmp_path: Path, systemd: socket.socket) -> None:
     clock = Clock()
     ops = operations(tmp_path, clock)
-    master: Any = FakeMaster(snapshot(child()))
-    ops.on_reload(master)
-    ops.on_reloaded(master)
+    snap = snapshot(child())
+    ops.on_reload(snap)
+    ops.on_reloaded(snap)
     sent = messages(systemd)
     assert sent[0].startswith("RELOADING=1\nMONOTONIC_USEC=")
     assert sent[1].startswith("READY=1\n")
-    master.state = MasterState.STOPPING
-    ops.on_stopping(master, graceful=True)
+    snap = replace(snap, state=MasterState.STOPPING)
+    ops.on_stopping(snap, graceful=True)
     assert messages(systemd) == ["STOPPING=1"]
     clock.now = 10.0
-    ops.on_tick(master)  # first look at the drain: progress
-    ops.on_tick(master)  # nothing changed: no extension
-    master.snap = replace(master.snap, counts=TaskCounts(done=8, failed=1))
+    ops.on_tick(snap)  # first look at the drain: progress
+    ops.on_tick(snap)  # nothing changed: no extension
+    snap = replace(snap, queue_counts={"a": counts(8, 1)})
     clock.now = 11.0
-    ops.on_tick(master)
+    ops.on_tick(snap)
     extensions = [m for m in messages(systemd) if m.startswith("EXTEND_TIMEOUT_USEC=")]
     # graceful 30 s, 10 then 11 s into the drain, plus the 15 s margin
     assert extensions == ["EXTEND_TIMEOUT_USEC=35000000", "EXTEND_TIMEOUT_USEC=34000000"]
-    ops.on_stopped(master, 0)
+    ops.on_stopped(snap, 0)
     assert not (tmp_path / "status.json").exists()
 
 
 def test_metrics_survive_a_child_exit(tmp_path: Path) -> None:
-    from ebsqs.supervisor.process import ExitStatus
-    from ebsqs.supervisor.table import ChildRecord, Slot, Verdict
-
+    """The one lifetime total: what exited children counted stays in the master's table and
+    reaches the metrics through the snapshot; a beat read after the reap counts nothing."""
     ops = operations(tmp_path, Clock())
-    ops.metrics = MetricsRegistry(["a"])
-    master: Any = FakeMaster(snapshot())
-    slot = Slot("a", 1)
-    first = ChildRecord(slot, pid=101, generation=0, started=1.0, max_tasks=None)
-    beat = Beat(pid=101, state="idle", tasks={"t": TaskStats(succeeded=4).to_wire()})
-    ops.on_heartbeat(master, first, beat)
-    ops.on_child_exited(master, first, ExitStatus(None, 9), Verdict.CRASHED)
-    second = ChildRecord(slot, pid=102, generation=0, started=2.0, max_tasks=None)
-    ops.on_heartbeat(master, second, replace(beat, pid=102))
-    second.phase = Phase.KILLING
-    second.reason = "no heartbeat for 10.1 s"
-    ops.on_child_exited(master, second, ExitStatus(None, 9), Verdict.CRASHED)
-    ops.on_heartbeat(master, second, beat)  # read after the reap: already counted
+    table = Table(ops.config)
+    beat = Beat(pid=0, state="idle", tasks={"t": TaskStats(succeeded=4).to_wire()})
+    first = table.spawned(table.slots_to_fill(1.0)[0], 101, 1.0, None)
+    table.beat(first.pid, replace(beat, pid=first.pid), 1.5)
+    table.exited(first.pid, ExitStatus(None, 9), 2.0)
+    second = table.spawned(first.slot, 102, 2.0, None)
+    table.beat(second.pid, replace(beat, pid=second.pid), 2.5)
+    table.condemn(second, 3.0, KillReason.HUNG, "no heartbeat for 10.1 s")
+    table.exited(second.pid, ExitStatus(None, 9), 4.0)
+    assert not table.beat(second.pid, beat, 4.5)  # read after the reap: already counted
+    ops.on_tick(table.snapshot(5.0, pid=1, state=MasterState.RUNNING, uptime=4.0))
     samples = prometheus.parse(ops.metrics.render())
     assert prometheus.value(samples, "ebsqs_tasks_succeeded_total", queue="a", task="t") == 8
     assert prometheus.value(samples, "ebsqs_child_restarts_total", queue="a") == 2

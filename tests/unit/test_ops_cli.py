@@ -10,8 +10,8 @@ import structlog
 from click.testing import CliRunner
 
 from ebsqs.cli import main
-from ebsqs.supervisor.ops_cli import systemd_unit
-from ebsqs.supervisor.systemd import ebsqs_program
+from ebsqs.ops.cli import systemd_unit
+from ebsqs.ops.systemd import ebsqs_program
 
 
 @pytest.fixture(autouse=True)

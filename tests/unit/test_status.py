@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
-from ebsqs.supervisor import status
-from ebsqs.supervisor.ops_cli import healthcheck
-from ebsqs.supervisor.ops_cli import status as status_command
+from ebsqs.ops import status
+from ebsqs.ops.cli import healthcheck
+from ebsqs.ops.cli import status as status_command
 
 NOW = 1_700_000_000.0
 
@@ -33,7 +33,7 @@ def child(**changes: Any) -> dict[str, Any]:
         "heartbeat_age": 0.4,
         "in_flight": 0,
         "task": None,
-        "counts": {"done": 10, "failed": 1, "retried": 2, "dead_lettered": 1},
+        "counts": {"succeeded": 10, "failed": 1, "retried": 2, "dead_lettered": 1},
         "rss": 50 * 1024 * 1024,
         "restarts": 0,
     }
@@ -56,7 +56,7 @@ def doc(children: list[dict[str, Any]] | None = None, **master: Any) -> dict[str
             **master,
         },
         "targets": {"emails": 1},
-        "counts": {"done": 10, "failed": 1, "retried": 2, "dead_lettered": 1},
+        "counts": {"succeeded": 10, "failed": 1, "retried": 2, "dead_lettered": 1},
         "restarts": 0,
         "recycled": 0,
         "children": [child()] if children is None else children,

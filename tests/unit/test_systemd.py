@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from ebsqs.supervisor import systemd
-from ebsqs.supervisor.systemd import Notifier, UnitOptions, render_unit
+from ebsqs.ops import systemd
+from ebsqs.ops.systemd import Notifier, UnitOptions, render_unit
 
 
 @pytest.fixture

@@ -85,7 +85,7 @@ def test_success_is_acked(broker: MemoryBroker, reg: TaskRegistry) -> None:
     steps(worker)
     assert sorted(x for _, x in runs) == list(range(15))  # type: ignore[type-var]
     assert broker.stats("q") == broker.stats("q").__class__("q", 0, 0, 0)
-    assert worker.counters.done == 15 and worker.state is WorkerState.IDLE
+    assert worker.counters.total("succeeded") == 15 and worker.state is WorkerState.IDLE
 
 
 def test_failure_with_retries_runs_max_retries_plus_one_then_dead_letters(
@@ -196,9 +196,9 @@ def test_keeper_extends_visibility_of_held_messages(
     put(broker, body("noop"))
     worker = make_worker(broker, reg, visibility_timeout=30)
     worker._receive()
-    [held] = worker._held.values()
+    [held] = worker._held.all()
     held.visible_until = time.time() + 1  # about to expire
-    worker._extend_visibility()
+    worker._keeper.extend_visibility()
     [stored] = broker._queues["q"].messages.values()
     assert stored.visible_at - time.time() > 25
     assert worker.counters.extended == 1
@@ -209,10 +209,10 @@ def test_extension_stops_at_the_hard_limit(broker: MemoryBroker, reg: TaskRegist
     put(broker, body("noop"))
     worker = make_worker(broker, reg, visibility_timeout=30)
     worker._receive()
-    [held] = worker._held.values()
+    [held] = worker._held.all()
     held.visible_until = time.time()
     held.deadline = time.time() - 10  # the hard limit passed long ago
-    worker._extend_visibility()
+    worker._keeper.extend_visibility()
     assert worker.counters.extended == 0
 
 
@@ -221,7 +221,7 @@ def test_max_tasks_stops_the_loop(broker: MemoryBroker, reg: TaskRegistry) -> No
     put(broker, *(body("ok") for _ in range(30)))
     worker = make_worker(broker, reg, max_tasks=5)
     worker.run()
-    assert worker.counters.done == 5
+    assert worker.counters.total("succeeded") == 5
     assert broker.stats("q").visible == 25
 
 
@@ -359,3 +359,47 @@ def test_the_loop_blocks_instead_of_spinning_while_every_slot_is_busy(
         release.set()
         worker.stop()
         worker.drain(time.monotonic() + 5)
+
+
+@pytest.mark.timeout(20)
+def test_a_sync_task_past_its_hard_limit_under_asyncio_is_settled_once(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    """The asyncio executor cannot stop a sync task (it runs in a thread): its capabilities say
+    so, the keeper settles the message as timed out, and the message never comes back to run
+    a second time."""
+    import threading
+
+    from ebsqs.executors.asyncio import AsyncioExecutor
+
+    release = threading.Event()
+    started: list[int] = []
+
+    def stuck() -> None:
+        started.append(1)
+        release.wait(10)
+
+    task(name="stuck", registry=reg, time_limit=0.3)(stuck)
+    put(broker, body("stuck"))
+    executor = AsyncioExecutor(concurrency=2, registry=reg)
+    assert not executor.capabilities.hard_limit_sync and executor.capabilities.hard_limit_async
+    worker = Worker(
+        broker,
+        Settings(broker_url="memory://unused"),
+        executor,
+        WorkerOptions(queues=("q",), wait_seconds=0),
+        registry=reg,
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not worker.overran and time.monotonic() < deadline:
+            worker.loop_once()
+        assert worker.overran and worker.stopping
+        [letter] = dead_letters(broker)
+        assert letter["ebsqs-error-type"] == "timed_out" and letter["ebsqs-task"] == "stuck"
+    finally:
+        release.set()
+        worker.drain(time.monotonic() + 5)
+    assert started == [1]
+    assert broker.stats("q").visible == broker.stats("q").in_flight == 0

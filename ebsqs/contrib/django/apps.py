@@ -6,7 +6,8 @@ from django.apps import AppConfig
 
 
 class EbsqsConfig(AppConfig):
-    """Registers ebsqs's checks, settings source and hooks, and imports every ``tasks`` module.
+    """Registers ebsqs's checks, settings source and middleware, and imports every ``tasks``
+    module.
 
     Nothing else happens here: no settings are read, no broker or database is touched.
     """
@@ -20,16 +21,14 @@ class EbsqsConfig(AppConfig):
         from django.core import checks
         from django.utils.module_loading import autodiscover_modules
 
-        from ebsqs import config, hooks
+        from ebsqs import config, middleware
         from ebsqs.contrib.django import conf, db, transactions
         from ebsqs.contrib.django.checks import check_ebsqs
-        from ebsqs.task import COMMIT_HOOKS
 
         checks.register(check_ebsqs, "ebsqs")
         if conf.settings_source not in config.SOURCES:
             config.SOURCES.append(conf.settings_source)
-        hooks.add(db.DJANGO_HOOKS)
+        middleware.add(db.DB_HYGIENE)
+        middleware.add(transactions.SEND_ON_COMMIT)
         db.register_fork_handler()
-        if transactions.COMMIT_HOOK not in COMMIT_HOOKS:
-            COMMIT_HOOKS.append(transactions.COMMIT_HOOK)
         autodiscover_modules("tasks")

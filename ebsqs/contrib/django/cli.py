@@ -10,7 +10,7 @@ from typing import Any
 import click
 from django.core.management import CommandError, CommandParser
 
-from ebsqs.errors import EbsqsError
+from ebsqs.errors import EbsqsError, ExitCode, exit_code_for
 
 
 def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
@@ -23,14 +23,14 @@ def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
         CommandError: bad usage, an ebsqs error, or a command that exited with a non-zero code
             (``returncode`` is that code, so ``manage.py`` exits with it).
     """
-    from ebsqs.cli import EXIT_ERROR, exit_code_for, main
+    from ebsqs.cli import main
 
     try:
         code = main.main(args=list(argv), prog_name=prog_name, standalone_mode=False)
     except SystemExit as exc:  # commands that end with sys.exit(code): healthcheck, supervise
         code = exc.code
     except click.exceptions.Abort:
-        raise CommandError("Aborted.", returncode=EXIT_ERROR) from None
+        raise CommandError("Aborted.", returncode=ExitCode.ERROR) from None
     except click.ClickException as exc:
         raise CommandError(exc.format_message(), returncode=exc.exit_code) from exc
     except EbsqsError as exc:
@@ -40,7 +40,7 @@ def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
     command = " ".join([prog_name, *argv[:1]])
     if isinstance(code, int):
         raise CommandError(f"{command} exited with status {code}", returncode=code)
-    raise CommandError(f"{command}: {code}", returncode=EXIT_ERROR)
+    raise CommandError(f"{command}: {code}", returncode=ExitCode.ERROR)
 
 
 def has_command(name: str) -> bool:

@@ -1,4 +1,5 @@
-"""Database hygiene: what Django's request cycle does for web requests, done around tasks and forks.
+"""Database hygiene: what Django's request cycle does for web requests, done around tasks and
+forks, as a middleware (:class:`DatabaseHygiene`, registered by the app's ``ready()``).
 
 - Around every task, in the thread or process that runs it: ``close_old_connections()`` before
   and after, so a connection the previous task broke, or one past ``CONN_MAX_AGE``, is replaced
@@ -21,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from ebsqs.hooks import Hooks
+from ebsqs.middleware import Middleware
 
 if TYPE_CHECKING:
-    from ebsqs.execution import Job, Outcome
+    from ebsqs.executors.execution import Job, Outcome
 
 log = structlog.get_logger(__name__)
 
@@ -33,8 +34,8 @@ log = structlog.get_logger(__name__)
 _KEPT_AFTER_FORK: list[Any] = []
 
 
-class DjangoHooks(Hooks):
-    """ebsqs's lifecycle hooks for Django (registered by the app's ``ready()``)."""
+class DatabaseHygiene(Middleware):
+    """Django's connection hygiene around tasks and forks."""
 
     def before_fork(self) -> None:
         """In the forking process: hold no database or cache connection across the fork."""
@@ -49,8 +50,8 @@ class DjangoHooks(Hooks):
         close_old_connections()
 
 
-#: The one hooks object, so registering it twice (``ready()`` run again by a test) adds nothing.
-DJANGO_HOOKS = DjangoHooks()
+#: The one instance, so registering it twice (``ready()`` run again by a test) adds nothing.
+DB_HYGIENE = DatabaseHygiene()
 
 
 @functools.cache

@@ -19,6 +19,10 @@ dead-lettered, and nothing a message names is ever imported.
 What the backend supports: ``run_after`` (any delay, past SQS's 15 minutes too), async tasks,
 ``takes_context`` (``context.attempt`` is ebsqs's attempt number). Not supported: priorities
 (SQS has none) and reading results back (``get_result``): ebsqs keeps no result store.
+
+Django's result bookkeeping around each run (a RUNNING result, the ``task_started`` and
+``task_finished`` signals, the final status and errors) is a middleware, :class:`DjangoTasks`,
+registered with the first Django task: it runs in the thread or process that runs the task.
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import traceback
 from collections.abc import Callable
+from contextvars import ContextVar, Token
 from importlib import import_module
 from importlib.util import find_spec
 from typing import Any
 
 from django.utils import timezone
 
-from ebsqs.context import current
+from ebsqs import middleware
+from ebsqs.executors.execution import Job, Outcome, OutcomeKind
+from ebsqs.middleware import Middleware
 from ebsqs.registry import registry
 from ebsqs.task import Task
 
@@ -98,6 +104,8 @@ class EbsqsBackend(BaseTaskBackend):  # type: ignore[misc]
 def ebsqs_task_for(django_task: Any, options: dict[str, Any] | None = None) -> Task[Any, Any]:
     """The registered ebsqs task that runs ``django_task`` (registered now if it is not yet)."""
     name = NAME_PREFIX + django_task.module_path
+    _DJANGO_TASKS.tasks[name] = django_task
+    middleware.add(_DJANGO_TASKS)
     if name in registry:
         existing = registry.get(name)
         if getattr(existing.fn, "__wrapped__", None) is django_task.func:
@@ -114,59 +122,82 @@ def ebsqs_task_for(django_task: Any, options: dict[str, Any] | None = None) -> T
 
 
 def _runner(django_task: Any) -> Callable[..., Any]:
-    """The function the worker calls: runs the Django task with Django's result bookkeeping."""
+    """The function the worker calls: the Django task, with its context if it takes one."""
 
     @functools.wraps(django_task.func)
     def run(*args: Any, **kwargs: Any) -> Any:
-        ctx = current()
-        now = timezone.now()
-        result: Any = TaskResult(
-            task=django_task,
-            id=ctx.task_id,
-            status=TaskResultStatus.RUNNING,
-            enqueued_at=None,
-            started_at=now,
-            finished_at=None,
-            last_attempted_at=now,
-            args=list(args),
-            kwargs=dict(kwargs),
-            backend=django_task.backend,
-            errors=[],
-            # One entry per attempt, as Django counts attempts; ebsqs knows only this worker.
-            worker_ids=[_worker_id()] * ctx.attempt,
-        )
-        _signals.task_started.send(EbsqsBackend, task_result=result)
-        try:
-            if django_task.takes_context:
-                value = django_task.call(TaskContext(task_result=result), *args, **kwargs)
-            else:
-                value = django_task.call(*args, **kwargs)
-        except BaseException as exc:
-            _finish(result, TaskResultStatus.FAILED, error=exc)
-            raise
-        _finish(result, TaskResultStatus.SUCCESSFUL, value=value)
+        result = _RESULT.get()
+        if django_task.takes_context:
+            value = django_task.call(TaskContext(task_result=result), *args, **kwargs)
+        else:
+            value = django_task.call(*args, **kwargs)
+        if result is not None:
+            object.__setattr__(result, "_return_value", value)
         return value
 
     return run
 
 
-def _finish(
-    result: Any, status: Any, value: Any = None, error: BaseException | None = None
-) -> None:
-    # Django's results are frozen dataclasses that their backends update in place.
-    object.__setattr__(result, "finished_at", timezone.now())
-    object.__setattr__(result, "status", status)
-    if error is not None:
-        kind = type(error)
-        result.errors.append(
-            TaskError(
-                exception_class_path=f"{kind.__module__}.{kind.__qualname__}",
-                traceback="".join(traceback.format_exception(error)),
-            )
+#: The result of the Django task running in this thread (set by :class:`DjangoTasks`).
+_RESULT: ContextVar[Any] = ContextVar("ebsqs_django_task_result", default=None)
+
+
+class DjangoTasks(Middleware):
+    """Django's result bookkeeping around each run of a Django task."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, Any] = {}
+        self._tokens: ContextVar[Token[Any] | None] = ContextVar("ebsqs_django_token", default=None)
+
+    def task_started(self, job: Job) -> None:
+        """A RUNNING result for the task's context and ``task_started`` (in the task's thread)."""
+        django_task = self.tasks.get(job.envelope.task)
+        if django_task is None:
+            return
+        now = timezone.now()
+        result: Any = TaskResult(
+            task=django_task,
+            id=job.envelope.id,
+            status=TaskResultStatus.RUNNING,
+            enqueued_at=None,
+            started_at=now,
+            finished_at=None,
+            last_attempted_at=now,
+            args=list(job.envelope.args),
+            kwargs=dict(job.envelope.kwargs),
+            backend=django_task.backend,
+            errors=[],
+            # One entry per attempt, as Django counts attempts; ebsqs knows only this worker.
+            worker_ids=[_worker_id()] * job.envelope.attempt,
         )
-    else:
-        object.__setattr__(result, "_return_value", value)
-    _signals.task_finished.send(EbsqsBackend, task_result=result)
+        self._tokens.set(_RESULT.set(result))
+        _signals.task_started.send(EbsqsBackend, task_result=result)
+
+    def task_finished(self, job: Job, outcome: Outcome) -> None:
+        """The final status, the error if any, and ``task_finished``."""
+        token = self._tokens.get()
+        if job.envelope.task not in self.tasks or token is None:
+            return
+        result = _RESULT.get()
+        _RESULT.reset(token)
+        self._tokens.set(None)
+        # Django's results are frozen dataclasses that their backends update in place.
+        object.__setattr__(result, "finished_at", timezone.now())
+        if outcome.kind is OutcomeKind.SUCCEEDED:
+            object.__setattr__(result, "status", TaskResultStatus.SUCCESSFUL)
+        else:
+            object.__setattr__(result, "status", TaskResultStatus.FAILED)
+            result.errors.append(
+                TaskError(
+                    exception_class_path=outcome.error_type or str(outcome.kind),
+                    traceback=outcome.traceback or outcome.error or "",
+                )
+            )
+        _signals.task_finished.send(EbsqsBackend, task_result=result)
+
+
+#: The one instance, registered with the first Django task.
+_DJANGO_TASKS = DjangoTasks()
 
 
 def _worker_id() -> str:

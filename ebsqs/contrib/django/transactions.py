@@ -12,23 +12,32 @@ the first other database inside ``atomic()``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from ebsqs.contrib.django.conf import django_option
+from ebsqs.middleware import Middleware
 
 
-class DjangoCommitHook:
-    """The :class:`ebsqs.task.CommitHook` of Django's databases."""
+class SendOnCommit(Middleware):
+    """Sends wait for the open transaction of Django's databases to commit."""
 
-    def defer(self, send: Callable[[], object]) -> None:
-        """Run ``send`` when the open transaction commits (at once outside one)."""
-        from django.db import DEFAULT_DB_ALIAS, transaction
+    def send_later(self, *, on_commit: bool) -> Callable[[Callable[[], object]], None] | None:
+        """``.delay_on_commit()`` always waits for the open transaction (it runs at once
+        outside one); a plain ``.delay()`` inside ``atomic()`` waits too when
+        ``EBSQS["send_on_commit"]`` is set."""
+        from django.db import DEFAULT_DB_ALIAS
 
-        transaction.on_commit(send, using=open_transaction() or DEFAULT_DB_ALIAS)
+        alias = open_transaction()
+        if not on_commit and (alias is None or not django_option("send_on_commit")):
+            return None
+        return functools.partial(_on_commit, alias or DEFAULT_DB_ALIAS)
 
-    def delay_waits_for_commit(self) -> bool:
-        """True inside ``atomic()`` when ``EBSQS["send_on_commit"]`` is set."""
-        return bool(django_option("send_on_commit")) and open_transaction() is not None
+
+def _on_commit(alias: str, send: Callable[[], object]) -> None:
+    from django.db import transaction
+
+    transaction.on_commit(send, using=alias)
 
 
 def open_transaction() -> str | None:
@@ -41,5 +50,5 @@ def open_transaction() -> str | None:
     return opened[0] if opened else None
 
 
-#: The one hook object, so registering it twice adds nothing.
-COMMIT_HOOK = DjangoCommitHook()
+#: The one instance, so registering it twice adds nothing.
+SEND_ON_COMMIT = SendOnCommit()

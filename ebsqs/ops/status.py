@@ -26,11 +26,10 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
 import structlog
 
 from ebsqs.supervisor.snapshot import ChildSnapshot, Phase, SupervisorSnapshot
@@ -38,7 +37,7 @@ from ebsqs.supervisor.snapshot import ChildSnapshot, Phase, SupervisorSnapshot
 log = structlog.get_logger(__name__)
 
 #: The document's format version; readers refuse others.
-VERSION = 1
+VERSION = 2  # 2: counts are named as in ebsqs.counters (succeeded, not done)
 #: Seconds after which a status document counts as stale (the master writes every second).
 DEFAULT_MAX_AGE = 10.0
 #: Where systemd units keep their status files (``%t/ebsqs`` of a system unit).
@@ -131,7 +130,7 @@ def document(
             "metrics_url": metrics_url,
         },
         "targets": dict(snapshot.targets),
-        "counts": asdict(snapshot.counts),
+        "counts": snapshot.counts.flat(),
         "restarts": snapshot.restarts,
         "recycled": snapshot.recycled,
         "children": [_child_document(child) for child in snapshot.children],
@@ -158,7 +157,7 @@ def _child_document(child: ChildSnapshot) -> dict[str, Any]:
             "running_for": _rounded(task.running_for),
             "deadline_in": _rounded(task.deadline_in),
         },
-        "counts": asdict(child.counts),
+        "counts": child.counts.flat(),
         "rss": child.rss,
         "restarts": child.restarts,
     }
@@ -169,6 +168,8 @@ def _rounded(value: float | None) -> float | None:
 
 
 def _create_time(pid: int) -> float | None:
+    import psutil  # here, not at the top: every ebsqs command imports this module's CLI
+
     try:
         return float(psutil.Process(pid).create_time())
     except psutil.Error:
@@ -252,6 +253,8 @@ class Health:
 
 def master_alive(doc: Mapping[str, Any]) -> bool:
     """Whether the process that wrote ``doc`` still runs (same pid *and* start time)."""
+    import psutil  # here, not at the top: every ebsqs command imports this module's CLI
+
     master = doc["master"]
     try:
         process = psutil.Process(int(master["pid"]))
@@ -361,7 +364,7 @@ def render_table(view: Mapping[str, Any]) -> str:
     master, counts = view["master"], view["counts"]
     header = (
         f"ebsqs master {master['pid']}: {master['state']}, up {_duration(master['uptime'])}, "
-        f"{len(view['children'])} children, done {counts['done']}, failed {counts['failed']}, "
+        f"{len(view['children'])} children, done {counts['succeeded']}, failed {counts['failed']}, "
         f"retried {counts['retried']}, restarts {view['restarts']}"
     )
     verdict = "healthy" if view["healthy"] else f"UNHEALTHY: {view['reason']}"
@@ -381,7 +384,7 @@ def _row(child: Mapping[str, Any]) -> tuple[str, ...]:
         state,
         _shorten(task["name"], 40) if task else "-",
         _duration(task["running_for"]) if task and task["running_for"] is not None else "-",
-        str(child["counts"]["done"]),
+        str(child["counts"]["succeeded"]),
         str(child["counts"]["failed"]),
         str(child["counts"]["retried"]),
         str(child["restarts"]),

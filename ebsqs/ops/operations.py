@@ -7,10 +7,10 @@ events and snapshots into:
   when it changes, ``WATCHDOG=1`` while the pool is healthy, ``RELOADING=1`` / ``READY=1`` around
   a HUP, ``STOPPING=1`` and ``EXTEND_TIMEOUT_USEC`` while a drain makes progress;
 - the status file ``ebsqs status`` and ``ebsqs healthcheck`` read, rewritten once a second;
-- the metrics: child reports and exits fed to a :class:`MetricsRegistry`, served over HTTP when
+- the metrics: each snapshot handed to :class:`~ebsqs.ops.metrics.Metrics`, served over HTTP when
   ``--metrics-port`` is given.
 
-Everything here runs in the master's loop (the HTTP server's thread only reads the registry),
+Everything here runs in the master's loop (the HTTP server's thread only reads the snapshot),
 never blocks for long, and never raises into the master: the notifier and the status file log
 their own failures once.
 """
@@ -20,29 +20,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import structlog
 
 from ebsqs.errors import ConfigurationError
-from ebsqs.stats import TaskStats
+from ebsqs.ops.metrics import Metrics, MetricsServer
+from ebsqs.ops.status import StatusFile, document, stale_after, status_path
+from ebsqs.ops.systemd import STOP_MARGIN, Notifier
 from ebsqs.supervisor.config import SupervisorConfig
 from ebsqs.supervisor.extension import Extension
-from ebsqs.supervisor.heartbeat import Beat
-from ebsqs.supervisor.metrics import ChildGauge, ChildReport, MetricsRegistry, MetricsServer
-from ebsqs.supervisor.process import ExitStatus
 from ebsqs.supervisor.snapshot import MasterState, Phase, SupervisorSnapshot
-from ebsqs.supervisor.status import StatusFile, document, stale_after, status_path
-from ebsqs.supervisor.systemd import STOP_MARGIN, Notifier
-
-if TYPE_CHECKING:
-    from ebsqs.supervisor.master import Master
-    from ebsqs.supervisor.table import ChildRecord, Verdict
 
 log = structlog.get_logger(__name__)
-
-#: Seconds between status-file writes (the master's loop can turn many times a second).
-WRITE_INTERVAL = 1.0
 
 
 class Operations(Extension):
@@ -57,20 +46,16 @@ class Operations(Extension):
         notifier: Notifier,
         status_file: StatusFile | None,
         server: MetricsServer | None = None,
-        metrics: MetricsRegistry | None = None,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.notifier = notifier
         self.status_file = status_file
-        self.metrics = metrics or MetricsRegistry(spec.name for spec in config.queues)
+        self.metrics = metrics or Metrics()
         self.server = server
         self.clock = clock
-        self._next_write = 0.0
-        self._next_tick = 0.0
-        self._tick_state: MasterState | None = None
         self._last_status = ""
-        self._last_state: MasterState | None = None
         self._stop_started: float | None = None
         self._drain_progress: tuple[int, int] | None = None
 
@@ -94,7 +79,7 @@ class Operations(Extension):
         """
         notifier = Notifier.from_environ(unset=True)
         path = status_path(status_file, config.pidfile, os.getpid())
-        metrics = MetricsRegistry(spec.name for spec in config.queues)
+        metrics = Metrics()
         server = None
         if metrics_port is not None:
             server = MetricsServer(metrics.render, metrics_port, metrics_host)
@@ -108,26 +93,22 @@ class Operations(Extension):
 
     # -- the master's events ---------------------------------------------------------------
 
-    def on_starting(self, master: Master) -> None:
+    def on_starting(self, snapshot: SupervisorSnapshot) -> None:
         """Serve metrics from here on (after the app's import, before the first fork)."""
+        self._publish(snapshot)
         if self.server is not None:
             self.server.serve()
 
-    def on_ready(self, master: Master) -> None:
+    def on_ready(self, snapshot: SupervisorSnapshot) -> None:
         """``READY=1`` with the first status line."""
-        self._last_status = summary(master.snapshot())
+        self._last_status = summary(snapshot)
         self.notifier.ready(self._last_status)
-        self._write(master, force=True)
+        self._publish(snapshot)
 
-    def on_tick(self, master: Master) -> None:
-        """Status file and gauges once a second; ``STATUS=`` on change; the watchdog."""
+    def on_tick(self, snapshot: SupervisorSnapshot) -> None:
+        """Status file and metrics; ``STATUS=`` on change; the watchdog; drain progress."""
         now = self.clock()
-        if now < self._next_tick and master.state is self._tick_state:
-            return  # the master's loop wakes on every heartbeat; once a second is enough here
-        self._next_tick = now + WRITE_INTERVAL
-        self._tick_state = master.state
-        snapshot = master.snapshot()
-        self._write(master, snapshot=snapshot)
+        self._publish(snapshot)
         line = summary(snapshot)
         if line != self._last_status and snapshot.state is not MasterState.STARTING:
             self._last_status = line
@@ -137,64 +118,36 @@ class Operations(Extension):
         if snapshot.state is MasterState.STOPPING:
             self._extend_drain(snapshot, now)
 
-    def on_reload(self, master: Master) -> None:
+    def on_reload(self, snapshot: SupervisorSnapshot) -> None:
         """``RELOADING=1``: systemd shows the unit reloading until ``READY=1``."""
         self.notifier.reloading()
-        self._write(master, force=True)
+        self._publish(snapshot)
 
-    def on_reloaded(self, master: Master) -> None:
+    def on_reloaded(self, snapshot: SupervisorSnapshot) -> None:
         """``READY=1``: every child runs the new code."""
-        self._last_status = summary(master.snapshot())
+        self._last_status = summary(snapshot)
         self.notifier.ready(self._last_status)
-        self._write(master, force=True)
+        self._publish(snapshot)
 
-    def on_stopping(self, master: Master, graceful: bool) -> None:
+    def on_stopping(self, snapshot: SupervisorSnapshot, graceful: bool) -> None:
         """``STOPPING=1``; a graceful drain also extends systemd's stop timeout as it goes."""
         self.notifier.stopping()
         if self._stop_started is None:
             self._stop_started = self.clock()
-        self._write(master, force=True)
+        self._publish(snapshot)
 
-    def on_stopped(self, master: Master, exit_code: int) -> None:
+    def on_stopped(self, snapshot: SupervisorSnapshot, exit_code: int) -> None:
         """Remove the status file and stop serving metrics."""
         if self.status_file is not None:
             self.status_file.remove()
         if self.server is not None:
             self.server.stop()
 
-    def on_heartbeat(self, master: Master, child: ChildRecord, beat: Beat) -> None:
-        """A child's cumulative counters, for the metrics."""
-        self.metrics.report(_key(child), report(child.slot.queue, beat))
-
-    def on_child_exited(
-        self, master: Master, child: ChildRecord, status: ExitStatus, verdict: Verdict
-    ) -> None:
-        """Retire the child's counters; count restarts and kills."""
-        from ebsqs.supervisor.table import Verdict
-
-        queue = child.slot.queue
-        self.metrics.retire(_key(child))
-        if verdict is Verdict.CRASHED:
-            self.metrics.count_restart(queue)
-        if child.phase is Phase.KILLING:
-            hung = child.reason is not None and "heartbeat" in child.reason
-            self.metrics.count_kill(queue, "hung" if hung else "overdue")
-        elif child.sigkilled:
-            self.metrics.count_kill(queue, "stop_timeout")
-
     # -- helpers -----------------------------------------------------------------------------
 
-    def _write(
-        self, master: Master, *, force: bool = False, snapshot: SupervisorSnapshot | None = None
-    ) -> None:
-        now = self.clock()
-        state_changed = master.state is not self._last_state
-        if not (force or state_changed or now >= self._next_write):
-            return
-        self._next_write = now + WRITE_INTERVAL
-        self._last_state = master.state
-        snapshot = snapshot or master.snapshot()
-        self.metrics.set_children(gauges(snapshot, now))
+    def _publish(self, snapshot: SupervisorSnapshot) -> None:
+        """Hand the snapshot to the metrics and write it to the status file."""
+        self.metrics.update(snapshot, self.clock())
         if self.status_file is not None:
             self.status_file.write(
                 document(
@@ -213,46 +166,6 @@ class Operations(Extension):
         self._drain_progress = progress
         left = max(self.config.graceful_timeout - (now - self._stop_started), 0.0)
         self.notifier.extend_timeout(int((left + STOP_MARGIN) * 1e6))
-
-
-def _key(child: ChildRecord) -> tuple[int, float]:
-    """One child's life: a pid can come back, a pid with its fork time cannot."""
-    return (child.pid, child.started)
-
-
-def report(queue: str, beat: Beat) -> ChildReport:
-    """The metrics in one heartbeat (malformed per-task entries are skipped)."""
-    tasks = {}
-    for name, wire in (beat.tasks or {}).items():
-        try:
-            tasks[name] = TaskStats.from_wire(wire)
-        except (TypeError, ValueError):
-            continue
-    return ChildReport(
-        queue,
-        receives=beat.receives,
-        empty_receives=beat.empty_receives,
-        received=beat.received,
-        extended=beat.extended,
-        tasks=tasks,
-    )
-
-
-def gauges(snapshot: SupervisorSnapshot, now: float) -> list[ChildGauge]:
-    """The live children's gauges in a snapshot taken at ``now`` (monotonic)."""
-    return [
-        ChildGauge(
-            queue=child.queue,
-            slot=child.slot,
-            state=child.state if child.phase is Phase.RUNNING else str(child.phase),
-            heartbeat_age=child.heartbeat_age,
-            in_flight=child.in_flight,
-            running=child.running,
-            rss=child.rss,
-            at=now,
-        )
-        for child in snapshot.children
-    ]
 
 
 def pool_health(snapshot: SupervisorSnapshot, heartbeat_timeout: float) -> str | None:
@@ -280,6 +193,6 @@ def summary(snapshot: SupervisorSnapshot) -> str:
     counts = snapshot.counts
     state = "" if snapshot.state is MasterState.RUNNING else f"{snapshot.state}: "
     return (
-        f"{state}{'; '.join(parts)}; done {counts.done}, failed {counts.failed}, "
-        f"restarts {snapshot.restarts}"
+        f"{state}{'; '.join(parts)}; done {counts.total('succeeded')}, "
+        f"failed {counts.total('failed')}, restarts {snapshot.restarts}"
     )

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import structlog
 
-from ebsqs.supervisor.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
+from ebsqs.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
+from ebsqs.errors import ExitCode
 
 log = structlog.get_logger(__name__)
 
@@ -296,7 +297,7 @@ def render_unit(options: UnitOptions) -> str:
         f"WatchdogSec={_seconds(watchdog)}",
         "Restart=on-failure",
         "RestartSec=5",
-        "RestartPreventExitStatus=3",
+        f"RestartPreventExitStatus={int(ExitCode.BOOT)}",
         f"RuntimeDirectory={runtime}",
         *_optional("User", options.user),
         *_optional("Group", options.group),

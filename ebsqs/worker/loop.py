@@ -1,10 +1,11 @@
 """The receive-execute-ack loop of one process.
 
 Per iteration (:meth:`Worker.loop_once`): receive what the executor can start (plus at most one
-batch held back), decode and check each message, start what is due, collect outcomes, then ack,
-retry or dead-letter. A keeper thread beside the loop extends the visibility of every held
-message before it expires and reports a heartbeat every second, so a long task neither loses its
-message nor makes a healthy process look hung.
+batch held back), decode and check each message, ask the middleware whether each may start,
+start what is due, collect outcomes, then ack, retry or dead-letter (:mod:`.settle`). A keeper
+thread beside the loop (:mod:`.keeper`) extends the visibility of every held message
+(:mod:`.held`) before it expires and reports a heartbeat every second, so a long task neither
+loses its message nor makes a healthy process look hung.
 
 Guarantees: at-least-once. A message is deleted only after its task succeeded, its retry was
 sent, or its dead-letter copy was sent. Messages fetched but not started are released
@@ -13,8 +14,7 @@ sent, or its dead-letter copy was sent. Messages fetched but not started are rel
 
 from __future__ import annotations
 
-import contextvars
-import enum
+import inspect
 import logging
 import os
 import sys
@@ -22,31 +22,28 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import cycle
 
 import structlog
 
+from ebsqs import middleware
 from ebsqs.backoff import Backoff
-from ebsqs.brokers import MAX_BATCH, Broker, ReceivedMessage
+from ebsqs.brokers import MAX_BATCH, Broker
 from ebsqs.config import Settings
-from ebsqs.envelope import Envelope, decode
-from ebsqs.errors import BrokerError, EnvelopeError, QueueDoesNotExist
-from ebsqs.execution import Job, Outcome, OutcomeKind
+from ebsqs.counters import Counters
+from ebsqs.envelope import decode
+from ebsqs.errors import BrokerError, EnvelopeError, ExitCode, QueueDoesNotExist
 from ebsqs.executors.base import Executor
+from ebsqs.executors.execution import Job, Outcome
+from ebsqs.middleware import Action, Decision
 from ebsqs.producer import ensure_queue
 from ebsqs.registry import TaskRegistry, registry
-from ebsqs.settle import Settler
-from ebsqs.stats import TaskStats
+from ebsqs.worker.held import Held, HeldMessages, WorkerState, WorkerStatus
+from ebsqs.worker.keeper import Keeper
+from ebsqs.worker.settle import Settler
 
 log = structlog.get_logger(__name__)
-
-#: Seconds between keeper passes (heartbeat and visibility extension).
-KEEPER_INTERVAL = 1.0
-
-#: The exit code of a worker process whose task overran a hard limit its executor cannot
-#: enforce (inline, thread): the task's message was settled, and the process must be replaced.
-EXIT_OVERRUN = 4
 
 
 class FastStop(BaseException):
@@ -58,75 +55,6 @@ class _ReceiveInterrupted(BaseException):
 
     A BaseException, because botocore retries a request that raised an ordinary Exception.
     """
-
-
-class WorkerState(enum.StrEnum):
-    """What the loop is doing, as heartbeats report it."""
-
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    DRAINING = "draining"
-    STOPPED = "stopped"
-
-
-@dataclass
-class Counters:
-    """Outcomes since the process started; ``tasks`` breaks them down per task name."""
-
-    done: int = 0
-    failed: int = 0
-    retried: int = 0
-    dead_lettered: int = 0
-    received: int = 0
-    empty_receives: int = 0
-    receives: int = 0
-    extended: int = 0
-    tasks: dict[str, TaskStats] = field(default_factory=dict)
-
-    def task(self, name: str) -> TaskStats:
-        """The stats of task ``name``, created at zero on first use."""
-        stats = self.tasks.get(name)
-        if stats is None:
-            stats = self.tasks[name] = TaskStats()
-        return stats
-
-
-@dataclass(frozen=True, slots=True)
-class RunningTask:
-    """A started task, as heartbeats report it."""
-
-    task: str
-    task_id: str
-    queue: str
-    started_at: float
-    deadline: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerStatus:
-    """A snapshot for heartbeats and ``ebsqs status``."""
-
-    state: WorkerState
-    held: int
-    running: tuple[RunningTask, ...]
-    counters: Counters
-    at: float
-
-
-@dataclass
-class Held:
-    """A received message the worker is responsible for until it acks or releases it."""
-
-    message: ReceivedMessage
-    queue: str
-    envelope: Envelope | None = None
-    job: Job | None = None
-    backoff: Backoff | None = None
-    started_at: float | None = None
-    deadline: float | None = None
-    visible_until: float = 0.0
-    first_received: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,20 +94,28 @@ class Worker:
         self.registry = registry
         self.counters = Counters()
         self.state = WorkerState.STARTING
-        self._held: dict[str, Held] = {}
+        self._held = HeldMessages()
         self._pending: deque[Held] = deque()
-        self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._receiving = False
         self._started = 0
         self._backlog = False
-        #: A task overran a hard limit the executor could not enforce: exit with EXIT_OVERRUN.
+        #: A task overran a hard limit the executor could not enforce: exit with
+        #: ``ExitCode.OVERRUN``.
         self.overran = False
-        self._keeper_stop = threading.Event()
-        self._keeper: threading.Thread | None = None
         self._queues = cycle(options.queues)
         self._settler = Settler(
             broker, settings, Backoff(settings.backoff_base, settings.backoff_cap), self.counters
+        )
+        heartbeat = options.heartbeat
+        self._keeper = Keeper(
+            self._held,
+            self._settler,
+            executor.capabilities,
+            options.visibility_timeout,
+            settle=self._settle,
+            on_overrun=self._exit_after_overrun,
+            heartbeat=None if heartbeat is None else lambda: heartbeat(self.status()),
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -190,15 +126,10 @@ class Worker:
             self._check_queue(queue)
         self.executor.start()
         self._settler.log_successes = log.is_enabled_for(logging.INFO)
-        # The keeper runs in a copy of this thread's context, so its log lines carry the same
-        # bound values (role, queue, slot, pid) as the loop's.
-        context = contextvars.copy_context()
-        self._keeper = threading.Thread(
-            target=context.run, args=(self._keep,), name="ebsqs-keeper", daemon=True
-        )
         self._keeper.start()
         self.state = WorkerState.IDLE
         log.info("worker_started", queues=list(self.options.queues))
+        middleware.worker_started()
 
     def _check_queue(self, queue: str) -> None:
         physical = self.settings.physical_queue(queue)
@@ -242,11 +173,11 @@ class Worker:
     def abandon(self) -> None:
         """Release every held message at once, running or not, and stop the keeper."""
         self._pending.clear()
-        self._release(list(self._held.values()), reason="fast stop")
+        self._release(self._held.all(), reason="fast stop")
         self._settler.flush_acks()
-        self._keeper_stop.set()
+        self._keeper.stop()
         self.state = WorkerState.STOPPED
-        log.warning("worker_abandoned", **_counts(self.counters))
+        log.warning("worker_abandoned", **self.counters.totals())
 
     @property
     def stopping(self) -> bool:
@@ -261,11 +192,11 @@ class Worker:
         if deadline is None:
             deadline = time.monotonic() + 3600
         self._settle(self.executor.shutdown(deadline))
-        self._release(list(self._held.values()), reason="stopped before finishing", timeout=1)
+        self._release(self._held.all(), reason="stopped before finishing", timeout=1)
         self._settler.flush_acks()
-        self._keeper_stop.set()
+        self._keeper.stop()
         self.state = WorkerState.STOPPED
-        log.info("worker_stopped", **_counts(self.counters))
+        log.info("worker_stopped", **self.counters.totals())
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -371,9 +302,9 @@ class Worker:
             queue=held.queue,
             time_limit=task.time_limit if task.time_limit is not None else hard,
             soft_time_limit=task.soft_time_limit if task.soft_time_limit is not None else soft,
+            is_async=inspect.iscoroutinefunction(inspect.unwrap(task.fn)),
         )
-        with self._lock:
-            self._held[held.message.message_id] = held
+        self._held.add(held)
         self._pending.append(held)
 
     def _start_pending(self) -> None:
@@ -381,138 +312,60 @@ class Worker:
             if self._reached_max_tasks():
                 return
             held = self._pending.popleft()
-            self._started += 1
             assert held.job is not None
-            held.started_at = time.time()
-            if held.job.time_limit:
-                held.deadline = held.started_at + held.job.time_limit
+            decision = middleware.decide(held.job)
+            if decision.action is not Action.RUN:
+                self._hold_back(held, decision)
+                continue
+            self._started += 1
+            held.start(time.time())
             self.state = WorkerState.BUSY
             self.executor.submit(held.job)
             # Inline jobs finish inside submit(): settle each at once, so a crash later in the
             # batch never repeats finished work (the deletes still go out ten at a time).
             self._settle(self.executor.collect(0))
 
+    def _hold_back(self, held: Held, decision: Decision) -> None:
+        """A middleware said not now (defer) or never (reject)."""
+        self._held.pop(held.key)
+        if decision.action is Action.DEFER:
+            self._settler.defer(held, decision.delay, decision.reason)
+        else:
+            self._settler.reject(held, EnvelopeError(decision.reason), reason="rejected")
+
     def _settle(self, outcomes: Sequence[Outcome]) -> None:
+        """The one path from outcomes to ack, retry or dead-letter (the keeper's too)."""
         finished = []
         for outcome in outcomes:
-            with self._lock:
-                held = self._held.pop(outcome.key, None)
-            if held is not None:
+            held = self._held.pop(outcome.key)
+            if held is not None and held.job is not None:
+                middleware.after_outcome(held.job, outcome)
                 finished.append((held, outcome))
         self._settler.settle(finished)
 
     def _release(self, held: Sequence[Held], reason: str, timeout: int = 0) -> None:
         """Make messages visible again (at once, or after ``timeout`` seconds)."""
-        with self._lock:
-            for item in held:
-                self._held.pop(item.message.message_id, None)
+        self._held.pop_all(held)
         self._settler.release([item.message for item in held], reason, timeout)
 
-    # -- the keeper thread -----------------------------------------------------------------
-
-    def _keep(self) -> None:
-        """Beside the loop: extend visibility and send heartbeats until the worker stops."""
-        while not self._keeper_stop.wait(self._keeper_wait()):
-            try:
-                self._settle_overruns()
-                self._settler.flush_acks(older_than=KEEPER_INTERVAL)
-                self._extend_visibility()
-                if self.options.heartbeat is not None:
-                    self.options.heartbeat(self.status())
-            except Exception as exc:  # noqa: BLE001 - the keeper must outlive one bad pass
-                log.error("keeper_failed", error=repr(exc))
-
-    def _keeper_wait(self) -> float:
-        """Until the next pass: a second, or sooner when a running task's hard limit falls."""
-        with self._lock:
-            deadlines = [h.deadline for h in self._held.values() if h.deadline is not None]
-        soonest = min(deadlines, default=None)
-        if soonest is None:
-            return KEEPER_INTERVAL
-        return min(KEEPER_INTERVAL, max(soonest - time.time(), 0.0) + 0.05)
-
-    def _settle_overruns(self) -> None:
-        """Keeper side: tasks past a hard limit their executor cannot enforce.
-
-        Inline and thread executors cannot stop a task. The keeper settles its message as
-        TIMED_OUT (a retry or a dead letter, per the task's policy), then ends this process,
-        which the supervisor replaces: at once for inline (the loop's thread is the runaway), by
-        a drain for thread (other threads' tasks may finish; the runaway dies with the process).
-        """
-        if getattr(self.executor, "stops_overdue", False):
-            return
-        now = time.time()
-        with self._lock:
-            overrun = [
-                h
-                for h in self._held.values()
-                if h.deadline is not None and h.started_at is not None and now > h.deadline
-            ]
-        if not overrun:
-            return
-        for held in overrun:
-            assert held.job is not None and held.started_at is not None
-            log.error(
-                "task_overran",
-                task=held.job.envelope.task,
-                task_id=held.job.envelope.id,
-                time_limit=held.job.time_limit,
-                duration=round(now - held.started_at, 3),
-            )
-        self._settle(
-            [
-                Outcome(
-                    h.message.message_id,
-                    OutcomeKind.TIMED_OUT,
-                    now - (h.started_at or now),
-                    error=f"ran past its hard time limit of {h.job.time_limit if h.job else '?'} s",
-                )
-                for h in overrun
-            ]
-        )
-        self._exit_after_overrun()
+    # -- overruns and status (called from the keeper thread) --------------------------------
 
     def _exit_after_overrun(self) -> None:
         """Replace this process: the runaway task cannot be stopped inside it."""
         self.overran = True
         self.stop()
-        if not getattr(self.executor, "runs_in_loop_thread", False):
+        if not self.executor.capabilities.runs_in_loop_thread:
             return  # the loop is free: it drains the other tasks, then the process ends
         # The loop's own thread runs the task: release what waits, delete what is done, leave.
         self._release(list(self._pending), reason="task overran its hard limit")
         self._pending.clear()
         self._settler.flush_acks()
-        log.critical("worker_exited_after_overrun", exit_code=EXIT_OVERRUN)
+        log.critical("worker_exited_after_overrun", exit_code=int(ExitCode.OVERRUN))
         sys.stderr.flush()
-        os._exit(EXIT_OVERRUN)
-
-    def _extend_visibility(self) -> None:
-        now = time.time()
-        timeout = self.options.visibility_timeout
-        margin = max(timeout / 3, 2 * KEEPER_INTERVAL)
-        with self._lock:
-            due = [h for h in self._held.values() if h.visible_until - now < margin]
-        if due:
-            self._settler.extend(due, timeout, now)
+        os._exit(ExitCode.OVERRUN)
 
     def status(self) -> WorkerStatus:
         """A snapshot of the loop, safe to take from any thread."""
-        with self._lock:
-            running = tuple(
-                RunningTask(
-                    h.job.envelope.task, h.job.envelope.id, h.queue, h.started_at, h.deadline
-                )
-                for h in self._held.values()
-                if h.job is not None and h.started_at is not None
-            )
-            held = len(self._held)
-        return WorkerStatus(self.state, held, running, self.counters, time.time())
-
-
-def _counts(counters: Counters) -> dict[str, int]:
-    return {
-        "done": counters.done,
-        "failed": counters.failed,
-        "retried": counters.retried,
-        "dead_lettered": counters.dead_lettered,
-    }
+        return WorkerStatus(
+            self.state, len(self._held), self._held.running(), self.counters, time.time()
+        )

@@ -22,14 +22,14 @@ from ebsqs.brokers import (
     ReceivedMessage,
 )
 from ebsqs.config import Settings
+from ebsqs.counters import REJECTED, Counters
 from ebsqs.envelope import Envelope
 from ebsqs.errors import EbsqsError, EnvelopeError
-from ebsqs.execution import Outcome, OutcomeKind
+from ebsqs.executors.execution import Outcome, OutcomeKind
 from ebsqs.producer import outgoing, send_messages
-from ebsqs.stats import REJECTED
 
 if TYPE_CHECKING:
-    from ebsqs.worker import Counters, Held
+    from ebsqs.worker.held import Held
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +82,6 @@ class Settler:
         stats = self.counters.task(envelope.task)
         stats.observe(outcome.duration)
         if outcome.kind is OutcomeKind.SUCCEEDED:
-            self.counters.done += 1
             stats.succeeded += 1
             if self.log_successes:
                 log.info("task_succeeded", **self._fields(held, envelope, outcome))
@@ -92,7 +91,6 @@ class Settler:
         wants_retry = timed_out or outcome.retryable or outcome.kind is OutcomeKind.RETRY
         if wants_retry and envelope.retries_left > 0:
             return self._retry(held, envelope, outcome, fields)
-        self.counters.failed += 1
         stats.failed += 1
         reason = "retries exhausted" if wants_retry else "failed"
         log.error(
@@ -127,7 +125,6 @@ class Settler:
         except EbsqsError as exc:
             log.error("retry_send_failed", error=str(exc), **fields)
             return False  # keep the message: it comes back after its visibility timeout
-        self.counters.retried += 1
         self.counters.task(envelope.task).retried += 1
         log.warning(
             "task_retried",
@@ -155,8 +152,9 @@ class Settler:
         message = outgoing(envelope, due, self.settings, limit, queue=held.queue)
         send_messages(self.broker, self.settings, held.message.queue, [message])
 
-    def reject(self, held: Held, exc: EnvelopeError) -> None:
-        """Dead-letter a message that must not run (undecodable, unknown task, bad signature).
+    def reject(self, held: Held, exc: EnvelopeError, reason: str = "rejected") -> None:
+        """Dead-letter a message that must not run (undecodable, unknown task, bad signature,
+        or refused by a middleware).
 
         It is counted as dead-lettered once, by :meth:`dead_letter`, when the copy is sent.
         """
@@ -167,10 +165,27 @@ class Settler:
             error_type=type(exc).__name__,
             reason=str(exc),
         )
-        if self.dead_letter(
-            held.message, "rejected", {ERROR_TYPE: type(exc).__name__, ERROR: str(exc)}
-        ):
+        details = {ERROR_TYPE: type(exc).__name__, ERROR: str(exc)}
+        if held.envelope is not None:
+            details[TASK] = held.envelope.task
+        if self.dead_letter(held.message, reason, details):
             self.ack([held.message])
+
+    def defer(self, held: Held, delay: float, reason: str) -> None:
+        """Put a message back for ``delay`` seconds because a middleware said not yet: no
+        failure is counted and its envelope is unchanged (its attempt is not used up)."""
+        seconds = int(min(max(round(delay), 0), MAX_VISIBILITY_SECONDS))
+        assert held.envelope is not None
+        self.counters.task(held.envelope.task).deferred += 1
+        log.info(
+            "task_deferred",
+            task=held.envelope.task,
+            task_id=held.envelope.id,
+            message_id=held.key,
+            delay=seconds,
+            reason=reason,
+        )
+        self.release([held.message], reason, timeout=seconds)
 
     def dead_letter(
         self, message: ReceivedMessage, reason: str, details: Mapping[str, str]
@@ -191,7 +206,6 @@ class Settler:
                 "dead_letter_failed", queue=queue, message_id=message.message_id, error=str(exc)
             )
             return False  # keep the original: the broker's redrive policy is the backstop
-        self.counters.dead_lettered += 1
         self.counters.task(details.get(TASK, REJECTED)).dead_lettered += 1
         log.warning(
             "message_dead_lettered",

@@ -2,7 +2,7 @@
 
 Registered on the ``ebsqs`` group by :mod:`ebsqs.cli`. They never talk to the broker: the unit is
 built from flags, status and health are read from the status file the master keeps (see
-:mod:`ebsqs.supervisor.status`).
+:mod:`ebsqs.ops.status`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import click
 
-from ebsqs.supervisor import status as status_doc
-from ebsqs.supervisor.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
-from ebsqs.supervisor.systemd import UnitOptions, ebsqs_program, render_unit
+from ebsqs.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
+from ebsqs.ops import status as status_doc
+from ebsqs.ops.systemd import UnitOptions, ebsqs_program, render_unit
 
 F = TypeVar("F", bound=Callable[..., Any])
 

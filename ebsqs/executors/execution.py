@@ -1,7 +1,7 @@
 """Running one job and describing what happened, the same way in every executor.
 
 An executor decides *where* a job runs (this thread, a pool thread, a subprocess); this module
-decides *how*: context, hooks, and turning exceptions into an :class:`Outcome`. Outcomes only
+decides *how*: context, middleware, and turning exceptions into an :class:`Outcome`. Outcomes only
 describe; the worker loop alone decides to ack, retry or dead-letter.
 """
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ebsqs import hooks
+from ebsqs import middleware
 from ebsqs.context import TaskContext, activated, enter, leave
 from ebsqs.envelope import Envelope
 from ebsqs.errors import MaxRetriesReachedException, Retry, SoftTimeLimitExceeded
@@ -53,6 +53,7 @@ class Job:
         queue: the logical queue it came from.
         time_limit: hard limit in seconds, or None.
         soft_time_limit: soft limit in seconds, or None.
+        is_async: the task is a coroutine function (executors enforce limits differently).
     """
 
     key: str
@@ -60,6 +61,7 @@ class Job:
     queue: str
     time_limit: float | None = None
     soft_time_limit: float | None = None
+    is_async: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +105,7 @@ def run_job(
     envelope = job.envelope
     task = registry.get(envelope.task)
     started = time.monotonic()
-    hooks.fire("task_started", job)
+    middleware.task_started(job)
     outcome = Outcome(job.key, OutcomeKind.FAILED)
     limit = job.soft_time_limit if soft_limit else None
     try:
@@ -121,7 +123,7 @@ def run_job(
     except (Exception, SystemExit) as exc:  # noqa: BLE001 - a task's failure is data here
         outcome = describe(job.key, task, exc, time.monotonic() - started)
     finally:
-        hooks.fire("task_finished", job, outcome)
+        middleware.task_finished(job, outcome)
     return outcome
 
 
@@ -137,7 +139,7 @@ async def run_job_async(job: Job, registry: TaskRegistry, deadline: float | None
     envelope = job.envelope
     task = registry.get(envelope.task)
     started = time.monotonic()
-    hooks.fire("task_started", job)
+    middleware.task_started(job)
     outcome = Outcome(job.key, OutcomeKind.FAILED)
     limit = asyncio.timeout(job.soft_time_limit or None)
     try:
@@ -153,7 +155,7 @@ async def run_job_async(job: Job, registry: TaskRegistry, deadline: float | None
             exc = soft.with_traceback(exc.__traceback__)
         outcome = describe(job.key, task, exc, time.monotonic() - started)
     finally:
-        hooks.fire("task_finished", job, outcome)
+        middleware.task_finished(job, outcome)
     return outcome
 
 

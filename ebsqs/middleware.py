@@ -1,0 +1,167 @@
+"""Middleware: typed hooks around each message, each send and each fork.
+
+A middleware subclasses :class:`Middleware` and overrides what it needs; every method is a
+no-op by default and its docstring says in which process and thread it runs. Integrations
+register theirs once (Django's ``AppConfig.ready()``); the list is a registry like the task
+registry, which tests may replace.
+
+Around one message, in order:
+
+1. :meth:`Middleware.before_start`, in the worker loop's thread, just before the job would go to
+   the executor: return :data:`RUN`, :func:`defer` (the message is released with a delay and
+   comes back later; not a failure) or :func:`reject` (dead-lettered with the reason, never run).
+   The first middleware that does not say RUN decides.
+2. :meth:`Middleware.task_started` and :meth:`Middleware.task_finished`, in the thread or process
+   that runs the task (a pool thread, a process executor's child).
+3. :meth:`Middleware.after_outcome`, back in the loop's thread, before the worker acks, retries
+   or dead-letters the message.
+
+Flow control (rate and concurrency limits, unique tasks) is built as middleware on this seam.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ebsqs.executors.execution import Job, Outcome
+
+
+class Action(enum.StrEnum):
+    """What becomes of a received message before it starts."""
+
+    RUN = "run"
+    DEFER = "defer"  # released with a delay: it comes back later, no failure counted
+    REJECT = "reject"  # dead-lettered with the reason, never run
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A middleware's answer to :meth:`Middleware.before_start`.
+
+    Attributes:
+        action: see :class:`Action`.
+        delay: seconds before a deferred message is visible again.
+        reason: why (logged, and carried by a rejected message's dead letter).
+    """
+
+    action: Action = Action.RUN
+    delay: float = 0.0
+    reason: str = ""
+
+
+#: Start the job now.
+RUN = Decision()
+
+
+def defer(delay: float, reason: str) -> Decision:
+    """Put the message back for ``delay`` seconds (at least 0) without counting a failure."""
+    return Decision(Action.DEFER, max(delay, 0.0), reason)
+
+
+def reject(reason: str) -> Decision:
+    """Dead-letter the message with ``reason``; it never runs."""
+    return Decision(Action.REJECT, 0.0, reason)
+
+
+class Middleware:
+    """No-op base class; override what you need."""
+
+    # -- processes -------------------------------------------------------------------------
+
+    def before_fork(self) -> None:
+        """In a process about to fork (the supervisor's master, the process executor)."""
+
+    def worker_started(self) -> None:
+        """In the process that runs the worker loop, after any fork, before the first receive."""
+
+    # -- sending (in the process that calls ``.delay()``) ----------------------------------
+
+    def send_later(self, *, on_commit: bool) -> Callable[[Callable[[], object]], None] | None:
+        """Whether to send later (once a transaction commits): a function that takes the send
+        and runs it then, or None to send now.
+
+        The producer fixes the task ids and checks the arguments before it hands the send over.
+
+        Args:
+            on_commit: the caller asked for ``.delay_on_commit()``; otherwise it is a plain
+                ``.delay()``, which a middleware may defer by its own setting.
+        """
+        return None
+
+    # -- one message -----------------------------------------------------------------------
+
+    def before_start(self, job: Job) -> Decision:
+        """In the loop's thread, before ``job`` goes to the executor: run, defer or reject."""
+        return RUN
+
+    def task_started(self, job: Job) -> None:
+        """In the thread or process that runs the task, just before it runs."""
+
+    def task_finished(self, job: Job, outcome: Outcome) -> None:
+        """In the thread or process that ran the task, just after, whatever happened."""
+
+    def after_outcome(self, job: Job, outcome: Outcome) -> None:
+        """In the loop's thread, once ``job`` has an outcome and before it is settled."""
+
+
+#: Registered middleware, called in order.
+MIDDLEWARE: list[Middleware] = []
+
+
+def add(middleware: Middleware) -> None:
+    """Register a middleware (once; adding the same object again does nothing)."""
+    if middleware not in MIDDLEWARE:
+        MIDDLEWARE.append(middleware)
+
+
+def before_fork() -> None:
+    """Tell every middleware that this process is about to fork."""
+    for item in MIDDLEWARE:
+        item.before_fork()
+
+
+def worker_started() -> None:
+    """Tell every middleware that this process's worker loop is about to start."""
+    for item in MIDDLEWARE:
+        item.worker_started()
+
+
+def decide(job: Job) -> Decision:
+    """The first answer that is not RUN, else RUN."""
+    for item in MIDDLEWARE:
+        decision = item.before_start(job)
+        if decision.action is not Action.RUN:
+            return decision
+    return RUN
+
+
+def task_started(job: Job) -> None:
+    """Every middleware's :meth:`Middleware.task_started`."""
+    for item in MIDDLEWARE:
+        item.task_started(job)
+
+
+def task_finished(job: Job, outcome: Outcome) -> None:
+    """Every middleware's :meth:`Middleware.task_finished`, last registered first (so the
+    outermost middleware wraps the others, as around a request)."""
+    for item in reversed(MIDDLEWARE):
+        item.task_finished(job, outcome)
+
+
+def after_outcome(job: Job, outcome: Outcome) -> None:
+    """Every middleware's :meth:`Middleware.after_outcome`."""
+    for item in MIDDLEWARE:
+        item.after_outcome(job, outcome)
+
+
+def send_later(*, on_commit: bool) -> Callable[[Callable[[], object]], None] | None:
+    """The first (last registered first) middleware's way to send later, or None."""
+    for item in reversed(MIDDLEWARE):
+        scheduler = item.send_later(on_commit=on_commit)
+        if scheduler is not None:
+            return scheduler
+    return None
