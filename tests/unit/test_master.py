@@ -358,13 +358,9 @@ def test_counts_survive_child_restarts() -> None:
     w.beat(three, "busy", succeeded=1, task="t", task_id="x", task_age=2.0, deadline_in=8.0)
     w.now += 0.5
     snap = w.table.snapshot(w.now, pid=1, state=MasterState.RUNNING, uptime=9.0)
-    assert snap.counts.totals() == {
-        "succeeded": 9,
-        "failed": 1,
-        "retried": 2,
-        "dead_lettered": 0,
-        "deferred": 0,
-    }
+    totals = snap.counts.totals()
+    assert (totals["succeeded"], totals["failed"], totals["retried"]) == (9, 1, 2)
+    assert totals["dead_lettered"] == 0
     assert snap.queue_restarts == {"a": 1}
     assert snap.restarts == 1 and snap.running("a") == 2
     child = next(c for c in snap.children if c.pid == three.pid)
