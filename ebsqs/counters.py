@@ -91,6 +91,7 @@ class TaskStats:
         failed: tasks that failed for good (no retry left, or not retryable).
         retried: retries scheduled (one per failed attempt that will run again).
         dead_lettered: dead-letter copies sent (failed tasks and rejected messages).
+        timed_out: attempts stopped at a time limit (each is also retried or failed).
         deferred: messages a middleware put back for later (rate and concurrency limits).
         buckets: how many attempts ran within each :data:`DURATION_BUCKETS` bound (not
             cumulative: ``buckets[i]`` counts durations in ``(bound[i-1], bound[i]]``); the
@@ -102,6 +103,7 @@ class TaskStats:
     failed: int = counter("Tasks that failed for good (no retry left, or not retryable).")
     retried: int = counter("Retries scheduled.")
     dead_lettered: int = counter("Messages copied to the dead-letter queue (failed or rejected).")
+    timed_out: int = counter("Task attempts stopped at a time limit (then retried or failed).")
     deferred: int = counter("Messages a middleware deferred (released with a delay).")
     buckets: list[int] = field(default_factory=_zero_buckets)
     duration_sum: float = 0.0

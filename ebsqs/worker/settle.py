@@ -88,6 +88,7 @@ class Settler:
             return True
         fields = self._fields(held, envelope, outcome)
         timed_out = outcome.kind is OutcomeKind.TIMED_OUT
+        stats.timed_out += timed_out
         wants_retry = timed_out or outcome.retryable or outcome.kind is OutcomeKind.RETRY
         if wants_retry and envelope.retries_left > 0:
             return self._retry(held, envelope, outcome, fields)

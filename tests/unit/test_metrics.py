@@ -245,3 +245,25 @@ def test_every_family_has_help_and_type() -> None:
     types = {line.split()[2] for line in lines if line.startswith("# TYPE ")}
     assert helps == types
     assert {"ebsqs_tasks_succeeded_total", "ebsqs_task_duration_seconds"} <= types
+
+
+def test_a_counter_flows_from_the_loop_to_the_metrics_and_the_status_file() -> None:
+    """timed_out was added as one declared field and one increment in settle; this follows it
+    through every stage that the count model promises carries it."""
+    from ebsqs.ops.status import document
+    from ebsqs.supervisor.config import QueueSpec, SupervisorConfig
+    from ebsqs.supervisor.heartbeat import Beat, decode, encode
+    from ebsqs.supervisor.table import Table
+    from ebsqs.worker import WorkerState, WorkerStatus
+
+    worker_counts = Counters()
+    worker_counts.task("slow").timed_out = 2
+    status = WorkerStatus(WorkerState.IDLE, 0, (), worker_counts, 10.0)
+    beat = decode(encode(Beat.from_status(101, status, rss=1))[4:])  # through the pipe's format
+    table = Table(SupervisorConfig(apps=(), queues=(QueueSpec("a", 1),)))
+    table.spawned(table.slots_to_fill(1.0)[0], 101, 1.0, None)
+    table.beat(101, beat, 2.0)
+    snap = table.snapshot(3.0, pid=1, state=MasterState.RUNNING, uptime=2.0)
+    labels = {"queue": "a", "task": "slow"}
+    assert prometheus.value(scrape(snap), "ebsqs_tasks_timed_out_total", **labels) == 2
+    assert document(snap, heartbeat_timeout=30.0)["counts"]["timed_out"] == 2

@@ -403,3 +403,17 @@ def test_a_sync_task_past_its_hard_limit_under_asyncio_is_settled_once(
         worker.drain(time.monotonic() + 5)
     assert started == [1]
     assert broker.stats("q").visible == broker.stats("q").in_flight == 0
+
+
+def test_time_outs_are_counted_per_task(broker: MemoryBroker, reg: TaskRegistry) -> None:
+    from ebsqs.errors import SoftTimeLimitExceeded
+
+    def slow() -> None:
+        raise SoftTimeLimitExceeded("soft time limit of 1 s exceeded")
+
+    task(name="slow", registry=reg)(slow)
+    put(broker, body("slow", max_retries=1))
+    worker = make_worker(broker, reg)
+    steps(worker, 4)
+    stats = worker.counters.tasks["slow"]
+    assert (stats.timed_out, stats.retried, stats.failed) == (2, 1, 1)
