@@ -1,4 +1,4 @@
-"""``ebsqs supervise`` side by side with plain boto3 loops (issue 3, point 9).
+"""``ebsqs supervise`` side by side with plain boto3 loops.
 
 Measured in one run, on one fauxqs endpoint:
 

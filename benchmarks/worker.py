@@ -1,4 +1,4 @@
-"""One ``ebsqs worker`` process against a plain boto3 loop, side by side (issue 2, point 7).
+"""One ``ebsqs worker`` process against a plain boto3 loop, side by side.
 
 Four ratios, on the same endpoint in one run:
 
@@ -364,7 +364,7 @@ def _timed(action: Callable[[], object]) -> tuple[float, float]:
 
 
 def run(endpoint: str, *, quick: bool = False) -> list[Result]:
-    """All of issue 2's point 7 against ``endpoint`` (a fauxqs server)."""
+    """Every worker measure against ``endpoint`` (a fauxqs server)."""
     scale = QUICK if quick else FULL
     print(
         f"  {scale.messages} no-op tasks per run, {scale.rounds} alternating rounds, medians; "

@@ -9,8 +9,8 @@ Only the master notifies. Its children report to it over their heartbeat pipes a
 for the whole pool, which is why the unit says ``NotifyAccess=main``: a task that happens to
 start something sd_notify-aware can never tell systemd the service is ready or stopping.
 
-The unit :func:`render_unit` writes uses ``KillMode=mixed``. DESIGN.md has children drain on a
-direct SIGTERM too, so the default ``KillMode=control-group`` also stops cleanly; ``mixed`` is
+The unit :func:`render_unit` writes uses ``KillMode=mixed``. Children drain on a direct SIGTERM
+too, so the default ``KillMode=control-group`` also stops cleanly; ``mixed`` is
 still better: SIGTERM reaches the master only, which drains its children in order (stop
 receiving, release prefetched messages, finish running tasks, send ``EXTEND_TIMEOUT_USEC`` while
 that makes progress) instead of racing them, and programs that tasks started (a subprocess a

@@ -3,7 +3,7 @@
 What a broker must do is what SQS does (see ``ebsqs/brokers/base.py``). Where a test server
 differs from SQS, the test says so with a strict ``xfail`` naming the server's behaviour, so a
 server that gets fixed shows up as an unexpected pass rather than being silently tolerated.
-Queues are kept small: moto slows down with queue depth (``/work/shared/TESTING.md``).
+Queues are kept small: moto's server slows down with queue depth (every send rescans the queue).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Acceptance of the executors (issue 4): real ``ebsqs worker`` processes over HTTP SQS.
+"""Acceptance of the executors: real ``ebsqs worker`` processes over HTTP SQS.
 
-Servers follow ``/work/shared/TESTING.md``: moto for one consumer per queue and a handful of
-messages, fauxqs (and the SQLite broker) for the 500-message backlog. Tasks record their own
+moto's server serves one consumer per queue and a handful of messages (it slows with queue
+depth, and two concurrent receivers can be handed the same message); fauxqs (and the SQLite
+broker) serve the 500-message backlog. Tasks record their own
 executions (``tests/fixtures/exec_tasks.py``), so what is counted is what ran.
 """
 

@@ -4,7 +4,8 @@ Each test starts ``ebsqs supervise`` in its own session (so cleanup can kill the
 group), with ``tests/fixtures`` on ``PYTHONPATH`` for the ``sup_*`` task modules. Tasks append
 ``start`` / ``done`` lines to a record file, from which the tests count how often each message
 ran, in which child and from which queue; psutil shows the children and their titles. Several
-children consume one queue at once, so these run on fauxqs (see ``TESTING.md``).
+children consume one queue at once, so these run on fauxqs (moto's server can hand two concurrent
+receivers the same message: a duplicate there would be the server's, not ebsqs's).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Acceptance of the single-process worker (issue 2, points 2 to 6), with real processes.
+"""Acceptance of the single-process worker, with real processes.
 
 Tasks run in real ``ebsqs worker`` subprocesses against a local SQS server over HTTP (and the
 SQLite broker); they count their own executions in a file (``tests/fixtures/worker_tasks.py``).
-Which server for what follows ``/work/shared/TESTING.md``: fauxqs for the 1,000-message run
-(moto slows to ~13 msg/s at that depth), moto for small single-consumer queues.
+Which server for what: fauxqs for the 1,000-message run (moto's server slows to ~13 msg/s at
+that depth), moto for small single-consumer queues.
 """
 
 from __future__ import annotations
