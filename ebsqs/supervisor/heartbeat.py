@@ -54,6 +54,10 @@ class Beat:
             more tasks than fit one frame sends a different part each second (and every part
             in its last beats), so the master merges what it gets per task
             (:meth:`Counters.updated`).
+        loop_age: seconds since the worker loop's own thread last made progress, as of
+            ``sent_at``; None while it blocks on purpose (a long poll, a task it runs itself, a
+            drain). A beat comes from a thread of its own, so this is how the master tells a
+            frozen loop from a busy one.
     """
 
     pid: int
@@ -68,6 +72,7 @@ class Beat:
     sent_at: float = 0.0
     counts: list[int] | None = None
     tasks: dict[str, list[Any]] | None = None
+    loop_age: float | None = None
 
     @classmethod
     def from_status(cls, pid: int, status: WorkerStatus, rss: int, part: int | None = None) -> Beat:
@@ -110,6 +115,7 @@ class Beat:
             rss=rss,
             sent_at=status.at,
             counts=status.counters.queue_wire(),
+            loop_age=None if status.loop_age is None else round(status.loop_age, 3),
         )
 
     def counters(self) -> Counters:

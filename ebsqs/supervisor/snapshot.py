@@ -26,6 +26,7 @@ class KillReason(enum.StrEnum):
 
     HUNG = "hung"  # no heartbeat for the heartbeat timeout
     OVERDUE = "overdue"  # running a task past its hard limit (plus the grace)
+    STALLED = "stalled"  # heartbeats arrive, but its loop made no progress for the timeout
     STOP_TIMEOUT = "stop_timeout"  # still alive when its drain or fast stop ran out of time
 
 

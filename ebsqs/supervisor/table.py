@@ -319,21 +319,29 @@ class Table:
         ]
 
     def hung(self, now: float) -> list[tuple[ChildRecord, KillReason, str]]:
-        """Children to kill: silent past the heartbeat timeout, or running a task past its hard
-        limit by more than the grace. Children already being killed are left out."""
+        """Children to kill: silent past the heartbeat timeout, running a task past its hard
+        limit by more than the grace, or beating while their loop made no progress for the
+        heartbeat timeout. Children already being killed are left out."""
         found = []
         for child in self.children.values():
             if child.phase is Phase.KILLING:
                 continue
-            silent = now - child.last_beat
-            if silent > self.config.heartbeat_timeout:
-                found.append((child, KillReason.HUNG, f"no heartbeat for {silent:.1f} s"))
-            elif child.deadline_at is not None and (
-                now > child.deadline_at + self.config.deadline_grace
-            ):
-                late = now - child.deadline_at
-                found.append((child, KillReason.OVERDUE, f"task {late:.1f} s past its hard limit"))
+            verdict = self._liveness(child, now)
+            if verdict is not None:
+                found.append((child, *verdict))
         return found
+
+    def _liveness(self, child: ChildRecord, now: float) -> tuple[KillReason, str] | None:
+        timeout = self.config.heartbeat_timeout
+        silent = now - child.last_beat
+        if silent > timeout:
+            return KillReason.HUNG, f"no heartbeat for {silent:.1f} s"
+        if child.deadline_at is not None and now > child.deadline_at + self.config.deadline_grace:
+            return KillReason.OVERDUE, f"task {now - child.deadline_at:.1f} s past its hard limit"
+        loop_age = child.beat.loop_age if child.beat is not None else None
+        if loop_age is not None and loop_age + silent > timeout:
+            return KillReason.STALLED, f"its loop made no progress for {loop_age + silent:.1f} s"
+        return None
 
     def overdue(self, now: float) -> list[ChildRecord]:
         """Children past their SIGKILL time that have not had it yet."""

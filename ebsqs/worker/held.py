@@ -51,6 +51,7 @@ class WorkerStatus:
     running: tuple[RunningTask, ...]
     counters: Counters
     at: float
+    loop_age: float | None = None  # seconds since the loop progressed; None while it blocks
 
 
 @dataclass

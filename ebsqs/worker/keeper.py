@@ -1,4 +1,4 @@
-"""The keeper: a thread beside the worker loop that keeps held messages and the heartbeat alive.
+"""The keeper: a thread beside the worker loop that keeps held messages alive.
 
 About once a second (sooner when a running task's hard limit falls) the keeper:
 
@@ -7,11 +7,12 @@ About once a second (sooner when a running task's hard limit falls) the keeper:
    retried or dead-lettered by the task's policy instead of coming back to run again, and the
    worker is told to end its process;
 2. sends deletes that waited a second to fill a batch;
-3. extends the visibility of every held message before it expires;
-4. reports a heartbeat.
+3. extends the visibility of every held message before it expires, running or not.
 
-The keeper never decides what becomes of a message beyond the overrun: it hands outcomes to
-the loop's settle path, the one place that acks, retries or dead-letters.
+The keeper never sends heartbeats: its work goes through the network and can stall behind an
+outage, so heartbeats have a thread of their own (:mod:`.pulse`). It never decides what becomes
+of a message beyond the overrun: it hands outcomes to the loop's settle path, the one place that
+acks, retries or dead-letters.
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ class Keeper:
         visibility_timeout: int,
         settle: Callable[[Sequence[Outcome]], None],
         on_overrun: Callable[[], None],
-        heartbeat: Callable[[], None] | None = None,
     ) -> None:
         """
         Args:
@@ -55,7 +55,6 @@ class Keeper:
             visibility_timeout: seconds each extension hides a message for.
             settle: the loop's settle path, given the outcomes of overrun tasks.
             on_overrun: called after an overrun was settled: the process must be replaced.
-            heartbeat: called once per pass, or None.
         """
         self.held = held
         self.settler = settler
@@ -63,7 +62,6 @@ class Keeper:
         self.visibility_timeout = visibility_timeout
         self.settle = settle
         self.on_overrun = on_overrun
-        self.heartbeat = heartbeat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -88,12 +86,10 @@ class Keeper:
                 log.error("keeper_failed", error=repr(exc))
 
     def pass_once(self) -> None:
-        """One pass: overruns, waiting deletes, visibility, heartbeat."""
+        """One pass: overruns, waiting deletes, visibility."""
         self.settle_overruns()
         self.settler.flush_acks(older_than=KEEPER_INTERVAL)
         self.extend_visibility()
-        if self.heartbeat is not None:
-            self.heartbeat()
 
     def _wait(self) -> float:
         """Until the next pass: a second, or sooner when a running task's hard limit falls."""

@@ -41,6 +41,7 @@ from ebsqs.producer import ensure_queue
 from ebsqs.registry import TaskRegistry, registry
 from ebsqs.worker.held import Held, HeldMessages, WorkerState, WorkerStatus
 from ebsqs.worker.keeper import Keeper
+from ebsqs.worker.pulse import Heartbeat, Pulse
 from ebsqs.worker.settle import Settler
 
 log = structlog.get_logger(__name__)
@@ -104,10 +105,15 @@ class Worker:
         #: ``ExitCode.OVERRUN``.
         self.overran = False
         self._queues = cycle(options.queues)
+        self._runs_here = executor.capabilities.runs_in_loop_thread
+        self._pulse = Pulse()
         self._settler = Settler(
-            broker, settings, Backoff(settings.backoff_base, settings.backoff_cap), self.counters
+            broker,
+            settings,
+            Backoff(settings.backoff_base, settings.backoff_cap),
+            self.counters,
+            io=self._pulse.blocked,
         )
-        heartbeat = options.heartbeat
         self._keeper = Keeper(
             self._held,
             self._settler,
@@ -115,8 +121,8 @@ class Worker:
             options.visibility_timeout,
             settle=self._settle,
             on_overrun=self._exit_after_overrun,
-            heartbeat=None if heartbeat is None else lambda: heartbeat(self.status()),
         )
+        self._heartbeat = Heartbeat(self._beat_now)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -127,6 +133,8 @@ class Worker:
         self.executor.start()
         self._settler.log_successes = log.is_enabled_for(logging.INFO)
         self._keeper.start()
+        if self.options.heartbeat is not None:
+            self._heartbeat.start()
         self.state = WorkerState.IDLE
         log.info("worker_started", queues=list(self.options.queues))
         middleware.worker_started()
@@ -176,6 +184,7 @@ class Worker:
         self._release(self._held.all(), reason="fast stop")
         self._settler.flush_acks()
         self._keeper.stop()
+        self._heartbeat.stop()
         self.state = WorkerState.STOPPED
         log.warning("worker_abandoned", **self.counters.totals())
 
@@ -187,6 +196,7 @@ class Worker:
     def drain(self, deadline: float | None = None) -> None:
         """Release unstarted messages, finish running ones until ``deadline``, settle all."""
         self.state = WorkerState.DRAINING
+        self._pulse.block()  # bounded by ``deadline``, and by the supervisor's graceful timeout
         self._release(list(self._pending), reason="draining")
         self._pending.clear()
         if deadline is None:
@@ -195,6 +205,7 @@ class Worker:
         self._release(self._held.all(), reason="stopped before finishing", timeout=1)
         self._settler.flush_acks()
         self._keeper.stop()
+        self._heartbeat.stop()
         self.state = WorkerState.STOPPED
         log.info("worker_stopped", **self.counters.totals())
 
@@ -202,6 +213,7 @@ class Worker:
 
     def loop_once(self) -> None:
         """One iteration: receive what can start, start what is due, settle what finished."""
+        self._pulse.beat()
         if self._wants_messages():
             self._receive()
         self._start_pending()
@@ -252,13 +264,14 @@ class Worker:
         try:
             self._receiving = True
             try:
-                messages = self.broker.receive(
-                    self.settings.physical_queue(queue),
-                    min(room, MAX_BATCH),
-                    wait_seconds=max(min(wait, 20), 0),
-                    visibility_timeout=self.options.visibility_timeout,
-                    metadata=False,
-                )
+                with self._pulse.blocked():
+                    messages = self.broker.receive(
+                        self.settings.physical_queue(queue),
+                        min(room, MAX_BATCH),
+                        wait_seconds=max(min(wait, 20), 0),
+                        visibility_timeout=self.options.visibility_timeout,
+                        metadata=False,
+                    )
             finally:
                 self._receiving = False
         except _ReceiveInterrupted:
@@ -320,7 +333,15 @@ class Worker:
             self._started += 1
             held.start(time.time())
             self.state = WorkerState.BUSY
-            self.executor.submit(held.job)
+            if held.deadline is not None:
+                # Tell the master the deadline from this thread, before the task starts: a task
+                # that holds the GIL silences every other thread, heartbeats included.
+                self._beat_now()
+            if self._runs_here:
+                with self._pulse.blocked():
+                    self.executor.submit(held.job)
+            else:
+                self.executor.submit(held.job)
             # Inline jobs finish inside submit(): settle each at once, so a crash later in the
             # batch never repeats finished work (the deletes still go out ten at a time).
             self._settle(self.executor.collect(0))
@@ -367,5 +388,15 @@ class Worker:
     def status(self) -> WorkerStatus:
         """A snapshot of the loop, safe to take from any thread."""
         return WorkerStatus(
-            self.state, len(self._held), self._held.running(), self.counters, time.time()
+            self.state,
+            len(self._held),
+            self._held.running(),
+            self.counters,
+            time.time(),
+            self._pulse.age(),
         )
+
+    def _beat_now(self) -> None:
+        """Send a heartbeat now (from the heartbeat thread, or the loop's before a task)."""
+        if self.options.heartbeat is not None:
+            self.options.heartbeat(self.status())

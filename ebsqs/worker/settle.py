@@ -6,9 +6,11 @@ deleted, so a crash between the two repeats work instead of losing it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
 import structlog
@@ -48,8 +50,23 @@ class Settler:
     """Acts on outcomes for one worker; owns every write the worker makes to the broker."""
 
     def __init__(
-        self, broker: Broker, settings: Settings, backoff: Backoff, counters: Counters
+        self,
+        broker: Broker,
+        settings: Settings,
+        backoff: Backoff,
+        counters: Counters,
+        io: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
+        """
+        Args:
+            broker: where messages go.
+            settings: dead-letter queue names, signing, limits.
+            backoff: the default delays between retries.
+            counters: the worker's counters.
+            io: wraps every broker call (the worker's pulse: waiting on the network is not a
+                stalled loop).
+        """
+        self.io = io
         self.broker = broker
         self.settings = settings
         self.backoff = backoff
@@ -151,7 +168,8 @@ class Settler:
         """Send ``envelope`` back to the queue ``held`` came from (retries, delay hops)."""
         limit = self.broker.max_body_bytes
         message = outgoing(envelope, due, self.settings, limit, queue=held.queue)
-        send_messages(self.broker, self.settings, held.message.queue, [message])
+        with self.io():
+            send_messages(self.broker, self.settings, held.message.queue, [message])
 
     def reject(self, held: Held, exc: EnvelopeError, reason: str = "rejected") -> None:
         """Dead-letter a message that must not run (undecodable, unknown task, bad signature,
@@ -196,12 +214,13 @@ class Settler:
         attributes = {REASON: reason, SOURCE: message.queue, **details}
         attributes = {key: value[:1000] for key, value in attributes.items() if value}
         try:
-            send_messages(
-                self.broker,
-                self.settings,
-                queue,
-                [OutgoingMessage(message.body, attributes=attributes)],
-            )
+            with self.io():
+                send_messages(
+                    self.broker,
+                    self.settings,
+                    queue,
+                    [OutgoingMessage(message.body, attributes=attributes)],
+                )
         except EbsqsError as exc:
             log.error(
                 "dead_letter_failed", queue=queue, message_id=message.message_id, error=str(exc)
@@ -237,7 +256,8 @@ class Settler:
         for start in range(0, len(messages), MAX_BATCH):
             batch = messages[start : start + MAX_BATCH]
             try:
-                failed = self.broker.ack(batch)
+                with self.io():
+                    failed = self.broker.ack(batch)
             except EbsqsError as exc:
                 failed = {m.message_id: str(exc) for m in batch}
             for message_id, why in failed.items():
@@ -248,7 +268,8 @@ class Settler:
         for start in range(0, len(messages), MAX_BATCH):
             batch = messages[start : start + MAX_BATCH]
             try:
-                failed = self.broker.change_visibility(batch, timeout)
+                with self.io():
+                    failed = self.broker.change_visibility(batch, timeout)
             except EbsqsError as exc:
                 failed = {m.message_id: str(exc) for m in batch}
             log.info("messages_released", count=len(batch) - len(failed), reason=reason)
@@ -268,7 +289,10 @@ class Settler:
             for start in range(0, len(items), MAX_BATCH):
                 batch = items[start : start + MAX_BATCH]
                 try:
-                    failed = self.broker.change_visibility([h.message for h in batch], extension)
+                    with self.io():
+                        failed = self.broker.change_visibility(
+                            [h.message for h in batch], extension
+                        )
                 except EbsqsError as exc:
                     failed = {h.message.message_id: str(exc) for h in batch}
                 for item in batch:

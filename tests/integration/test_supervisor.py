@@ -407,6 +407,47 @@ def test_an_inline_task_past_its_hard_limit_is_stopped_and_follows_its_retry_pol
     sup.wait_consuming({queue: 1})
 
 
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_a_task_holding_the_gil_is_killed_soon_after_its_hard_limit(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    """`sum(range(10**15))` never lets another thread run, heartbeats included; the loop told the
+    master the deadline before the task started, so the kill comes seconds past the 1 s limit,
+    not at the 30 s heartbeat timeout."""
+    queue = create_queue(broker, unique_queue())
+    sup = supervise("--app", "sup_tasks", "--queues", f"{queue}:1", "--wait", "1")
+    [pids] = sup.wait_consuming({queue: 1}).values()
+    send(broker, queue, ["hog"], task="sup_tasks.hog")
+    [run] = wait_until(lambda: [r for r in sup.runs("start") if r.key == "hog"], 15)
+    [killed] = wait_until(
+        lambda: [e for e in sup.events("child_killed") if e["pid"] == run.pid], 20
+    )
+    assert killed["signal"] == "SIGABRT" and "past its hard limit" in killed["reason"]
+    # 1 s limit + 3 s grace, give or take a master tick; the heartbeat timeout is 30 s.
+    assert _timestamp(killed) - run.at < 8.0
+    assert run.pid in pids
+    sup.wait_consuming({queue: 1}, timeout=15)
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_a_child_whose_loop_freezes_is_replaced_though_its_heartbeats_go_on(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    sup = supervise(
+        "--app", "sup_stall", "--queues", f"{queue}:1", "--wait", "1", "--heartbeat-timeout", "3"
+    )
+    [pids] = sup.wait_consuming({queue: 1}).values()
+    [victim] = pids
+    send(broker, queue, ["frozen"], task="sup_stall.freeze")
+    [killed] = wait_until(lambda: [e for e in sup.events("child_killed") if e["pid"] == victim], 20)
+    assert killed["signal"] == "SIGABRT" and "no progress" in killed["reason"]
+    assert not [e for e in sup.events("child_killed") if "no heartbeat" in e.get("reason", "")]
+    assert not sup.runs("start")  # the frozen message never started
+
+
 def _timestamp(event: dict[str, Any]) -> float:
     return dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 

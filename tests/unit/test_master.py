@@ -419,3 +419,24 @@ def test_a_beat_reports_the_task_nearest_its_hard_limit() -> None:
     assert (beat.task, beat.task_id, beat.task_age, beat.deadline_in) == ("tight", "2", 5.0, 3.0)
     assert (beat.state, beat.in_flight, beat.running, beat.rss) == ("busy", 5, 3, 123)
     assert beat.counters() == counters
+
+
+def test_a_child_whose_loop_stalls_is_killed_though_it_beats() -> None:
+    w = world({"a": 1}, heartbeat_timeout=30.0)
+    [child] = w.boot()
+    w.beat(child, "busy", loop_age=29.0)
+    assert w.table.hung(w.now) == []
+    w.now += 0.5
+    w.beat(child, "busy", loop_age=29.5)
+    w.now += 0.6  # the beat is 0.6 s old: the loop has now been still for 30.1 s
+    [(found, why, reason)] = w.table.hung(w.now)
+    assert found is child and why is KillReason.STALLED and "no progress for 30.1 s" in reason
+
+
+def test_a_loop_that_blocks_on_purpose_is_not_stalled() -> None:
+    w = world({"a": 1}, heartbeat_timeout=30.0)
+    [child] = w.boot()
+    for _ in range(40):  # a long inline task, a long poll or a drain: loop_age is None
+        w.now += 1
+        w.beat(child, "busy", loop_age=None)
+        assert w.table.hung(w.now) == []

@@ -417,3 +417,60 @@ def test_time_outs_are_counted_per_task(broker: MemoryBroker, reg: TaskRegistry)
     steps(worker, 4)
     stats = worker.counters.tasks["slow"]
     assert (stats.timed_out, stats.retried, stats.failed) == (2, 1, 1)
+
+
+def test_the_loop_reports_a_deadline_from_its_own_thread_before_the_task_starts(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    """A task that holds the GIL silences the heartbeat thread: the master must already know
+    its deadline. The loop's thread sends a beat carrying it just before the task runs, and
+    marks itself blocked (not stalled) while it runs the task."""
+    import threading
+
+    from ebsqs.worker import WorkerStatus
+
+    beats: list[tuple[str, WorkerStatus]] = []
+    seen_inside: list[WorkerStatus] = []
+
+    def record(status: WorkerStatus) -> None:
+        beats.append((threading.current_thread().name, status))
+
+    def limited() -> None:
+        seen_inside.extend(status for _, status in beats)
+        seen_inside.append(worker.status())
+
+    task(name="limited", registry=reg, time_limit=60)(limited)
+    put(broker, body("limited"))
+    worker = make_worker(broker, reg, heartbeat=record)
+    worker.loop_once()
+    *before, inside = seen_inside
+    loop_thread = threading.current_thread().name
+    [(thread, status)] = [(t, s) for t, s in beats if s.running][:1]
+    assert thread == loop_thread
+    assert status.running[0].task == "limited" and status.running[0].deadline is not None
+    assert status in before  # sent before the task body ran
+    assert inside.loop_age is None  # running a task in the loop's thread is not a stall
+    assert worker.status().loop_age is not None and worker.status().loop_age < 5
+    worker.drain()
+
+
+def test_a_pulse_counts_only_the_loop_thread_s_blocking() -> None:
+    import threading
+
+    from ebsqs.worker.pulse import Pulse
+
+    pulse = Pulse()
+    pulse.beat()
+    seen: list[float | None] = []
+
+    def elsewhere() -> None:
+        with pulse.blocked():  # the keeper's broker calls must not hide a frozen loop
+            seen.append(pulse.age())
+
+    thread = threading.Thread(target=elsewhere)
+    thread.start()
+    thread.join(5)
+    assert seen and seen[0] is not None
+    with pulse.blocked():
+        assert pulse.age() is None
+    assert pulse.age() is not None
