@@ -93,6 +93,7 @@ class TaskStats:
         dead_lettered: dead-letter copies sent (failed tasks and rejected messages).
         timed_out: attempts stopped at a time limit (each is also retried or failed).
         deferred: messages a middleware put back for later (rate and concurrency limits).
+        crashed: attempts whose process died while running them (the message is redelivered).
         buckets: how many attempts ran within each :data:`DURATION_BUCKETS` bound (not
             cumulative: ``buckets[i]`` counts durations in ``(bound[i-1], bound[i]]``); the
             last entry counts longer ones.
@@ -105,6 +106,7 @@ class TaskStats:
     dead_lettered: int = counter("Messages copied to the dead-letter queue (failed or rejected).")
     timed_out: int = counter("Task attempts stopped at a time limit (then retried or failed).")
     deferred: int = counter("Messages a middleware deferred (released with a delay).")
+    crashed: int = counter("Attempts whose process died under them (redelivered, not failed).")
     buckets: list[int] = field(default_factory=_zero_buckets)
     duration_sum: float = 0.0
 

@@ -41,6 +41,7 @@ class OutcomeKind(enum.StrEnum):
     RETRY = "retry"  # the task called .retry()
     TIMED_OUT = "timed_out"  # stopped at its hard time limit
     INTERRUPTED = "interrupted"  # stopped by a shutdown before it finished
+    CRASHED = "crashed"  # the process running it died (a kill, OOM, a segfault): redelivered
 
 
 @dataclass(frozen=True, slots=True)

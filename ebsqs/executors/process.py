@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection, wait
 from types import FrameType
@@ -288,7 +288,11 @@ class ProcessExecutor:
             pid=slot.process.pid,
             reason=reason,
         )
-        self._done.append(failure(job.key, ProcessDied(reason), time.monotonic() - slot.started))
+        # A crash, as when a whole child dies: the message is redelivered, not failed. Work that
+        # finished before the death may run again (at-least-once); a task that kills its process
+        # every time reaches the dead-letter queue through the queue's redrive policy.
+        died = failure(job.key, ProcessDied(reason), time.monotonic() - slot.started)
+        self._done.append(replace(died, kind=OutcomeKind.CRASHED))
         self._replace(slot)
 
     def _replace(self, slot: _Slot) -> None:

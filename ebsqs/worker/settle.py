@@ -88,9 +88,22 @@ class Settler:
         for held, outcome in finished:
             if outcome.kind is OutcomeKind.INTERRUPTED:
                 self.release([held.message], "interrupted", timeout=1)
+            elif outcome.kind is OutcomeKind.CRASHED:
+                self._crashed(held, outcome)
             elif self._decide(held, outcome):
                 acks.append(held.message)
         self.ack(acks)
+
+    def _crashed(self, held: Held, outcome: Outcome) -> None:
+        """The task's process died: redeliver the message, as after any crash."""
+        assert held.envelope is not None
+        self.counters.task(held.envelope.task).crashed += 1
+        log.error(
+            "task_crashed",
+            error=outcome.error,
+            **self._fields(held, held.envelope, outcome),
+        )
+        self.release([held.message], "its process died", timeout=1)
 
     def _decide(self, held: Held, outcome: Outcome) -> bool:
         """Act on one outcome; True when the original message may now be deleted."""

@@ -505,7 +505,7 @@ def test_process_collect_wakes_up_for_the_next_hard_deadline(
 
 
 @pytest.mark.timeout(20)
-def test_process_that_dies_mid_job_fails_the_job_and_is_replaced(
+def test_process_that_dies_mid_job_is_a_crash_and_is_replaced(
     tasks: Tasks, started: Callable[[str, int], Executor]
 ) -> None:
     def suicide() -> None:
@@ -523,7 +523,7 @@ def test_process_that_dies_mid_job_fails_the_job_and_is_replaced(
         executor.submit(job)
         (outcome,) = outcomes_of(executor, 1).values()
 
-    assert outcome.kind is OutcomeKind.FAILED
+    assert outcome.kind is OutcomeKind.CRASHED  # redelivered by the worker, never dead-lettered
     assert outcome.error == "worker process died with signal 9 (SIGKILL)"
     assert outcome.error_type == "ebsqs.executors.process.ProcessDied"
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["task_process_died"]

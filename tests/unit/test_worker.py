@@ -474,3 +474,43 @@ def test_a_pulse_counts_only_the_loop_thread_s_blocking() -> None:
     with pulse.blocked():
         assert pulse.age() is None
     assert pulse.age() is not None
+
+
+@pytest.mark.timeout(30)
+def test_a_pool_process_that_dies_under_a_task_gets_its_message_redelivered(
+    broker: MemoryBroker, reg: TaskRegistry, tmp_path: object
+) -> None:
+    """Under the process executor a dead pool process is a crash, as a dead child is: the message
+    comes back and runs again; nothing is dead-lettered as failed."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from ebsqs.executors.process import ProcessExecutor
+
+    marker = Path(str(tmp_path)) / "died-once"
+
+    def dies_once() -> None:
+        if not marker.exists():
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    task(name="dies_once", registry=reg)(dies_once)
+    put(broker, body("dies_once", max_retries=0))
+    worker = Worker(
+        broker,
+        Settings(broker_url="memory://unused"),
+        ProcessExecutor(concurrency=1, registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=0),
+        registry=reg,
+    )
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        stats = worker.counters.task("dies_once")
+        while stats.succeeded == 0 and time.monotonic() < deadline:
+            worker.loop_once()
+    finally:
+        worker.drain(time.monotonic() + 5)
+    assert (stats.crashed, stats.succeeded, stats.failed, stats.dead_lettered) == (1, 1, 0, 0)
+    assert dead_letters(broker) == []
