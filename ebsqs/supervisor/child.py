@@ -25,10 +25,12 @@ from typing import NoReturn
 import psutil
 import structlog
 
-from ebsqs import executors, log, producer
+from ebsqs import executors, log, middleware, producer
 from ebsqs.brokers import Broker, from_url
 from ebsqs.errors import ConfigurationError, ExitCode, QueueDoesNotExist
 from ebsqs.executors.base import Executor
+from ebsqs.executors.execution import Job, Outcome
+from ebsqs.middleware import Middleware
 from ebsqs.registry import registry
 from ebsqs.supervisor.config import SupervisorConfig
 from ebsqs.supervisor.heartbeat import Beat, BeatWriter
@@ -159,6 +161,9 @@ class Child:
         self.broker = from_url(self.config.settings.broker_url)
         self.worker = self._build_worker(self.broker)
         self._install_stop_signals(self.worker)
+        limit = self.config.max_memory_bytes
+        if limit is not None:
+            middleware.add(MemoryGuard(self.worker, self._process, limit))
         self.worker.start()
         self.heartbeat(self.worker.status())  # the first "idle" beat tells the master we're up
 
@@ -228,11 +233,18 @@ class Child:
         if self._master_gone.is_set():
             return
         self._master_gone.set()
-        # Logged from the keeper thread too: it runs in a copy of the loop's context, so the
+        # Logged from the heartbeat thread: it runs in a copy of the loop's context, so the
         # line carries role, queue, slot and pid.
         logger.warning("master_gone", master_pid=self.spec.master_pid)
         if self.worker is None or not self.worker.stopping:
             os.kill(os.getpid(), signal.SIGTERM)
+        # Nobody will SIGKILL this drain now: bound it by the graceful timeout, then stop fast
+        # (SIGQUIT: release what is held and exit), even inside a task with no time limit.
+        timer = threading.Timer(
+            self.config.graceful_timeout, os.kill, (os.getpid(), signal.SIGQUIT)
+        )
+        timer.daemon = True
+        timer.start()
 
     def _title(self, state: str) -> None:
         self._title_state = state
@@ -277,6 +289,34 @@ class Child:
         for fd in self.inherited_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+class MemoryGuard(Middleware):
+    """Recycles the child once its resident memory passes ``--max-memory-per-child``.
+
+    Checked by the child itself after every task, in the loop's thread: the master's once-a-second
+    view from heartbeats lets a leaking task run many times over the limit in between (a batch of
+    prefetched messages). The worker stops taking messages and drains; the master replaces it.
+    """
+
+    def __init__(self, worker: Worker, process: psutil.Process, limit: int) -> None:
+        self.worker = worker
+        self.process = process
+        self.limit = limit
+
+    def after_outcome(self, job: Job, outcome: Outcome) -> None:
+        """Stop the worker (gracefully) when the task left the process over the limit."""
+        if self.worker.stopping:
+            return
+        rss = self.process.memory_info().rss
+        if rss > self.limit:
+            logger.warning(
+                "child_memory_exceeded",
+                rss_mib=rss >> 20,
+                limit_mib=self.limit >> 20,
+                task=job.envelope.task,
+            )
+            self.worker.stop()
 
 
 def exit_child(code: int) -> NoReturn:

@@ -99,6 +99,8 @@ class SupervisorConfig:
             up to 30 s); the first crash is replaced at once.
         stable_after: seconds a child must stay up for its slot's crash count to reset.
         fast_stop_timeout: seconds children get to release their messages on a fast stop.
+        boot_crash_limit: children in a row that crash before consuming, in every slot of a
+            queue, after which the master stops with ``ExitCode.BOOT`` instead of restarting.
     """
 
     apps: tuple[str, ...]
@@ -119,6 +121,7 @@ class SupervisorConfig:
     restart_backoff: Backoff = field(default_factory=lambda: Backoff(0.1, 30.0, jitter=False))
     stable_after: float = 30.0
     fast_stop_timeout: float = 5.0
+    boot_crash_limit: int = 5
 
     @property
     def max_memory_bytes(self) -> int | None:

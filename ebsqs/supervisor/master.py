@@ -329,7 +329,14 @@ class Master:
         elif verdict is Verdict.BOOT_FAILED:
             self._log_child("child_exited", child, log.critical, **fields)
             self.exit_code = ExitCode.BOOT
-            self.stop("a child could not boot (see child_boot_failed); not restarting it")
+            if status.code == ExitCode.BOOT:
+                self.stop("a child could not boot (see child_boot_failed); not restarting it")
+            else:
+                self.stop(
+                    f"every child of queue {child.slot.queue!r} crashed before consuming, "
+                    f"{self.config.boot_crash_limit} times in a row (see child_exited); "
+                    "not restarting them"
+                )
         else:
             self._log_child("child_exited", child, log.info, **fields)
         self.extensions.on_child_exited(child.snapshot(now), status, verdict)

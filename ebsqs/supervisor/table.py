@@ -56,6 +56,7 @@ class Slot:
         not_before: no child is spawned here before this time (crash backoff).
         restarts: unplanned replacements so far.
         restart_reason: why the next child replaces the last one, for the spawn log line.
+        boot_crashes: children in a row that crashed before they ever consumed.
     """
 
     queue: str
@@ -65,6 +66,7 @@ class Slot:
     not_before: float = 0.0
     restarts: int = 0
     restart_reason: str | None = None
+    boot_crashes: int = 0
 
 
 @dataclass(eq=False)
@@ -199,6 +201,8 @@ class Table:
         child.deadline_at = None if beat.deadline_in is None else now + beat.deadline_in
         if child.phase is Phase.BOOTING and beat.state in CONSUMING:
             child.phase = Phase.RUNNING
+            if child.attached:
+                child.slot.boot_crashes = 0
         if beat.state == "draining" and child.phase in (Phase.BOOTING, Phase.RUNNING):
             self.recycled += 1
             self.retire(child, now, "draining on its own (task limit or a direct signal)")
@@ -222,6 +226,10 @@ class Table:
         if attached:
             slot.child = None
         verdict = self._verdict(child, status, attached)
+        if verdict is Verdict.CRASHED and child.phase is Phase.BOOTING:
+            slot.boot_crashes += 1
+            if self._cannot_boot(slot.queue):
+                verdict = Verdict.BOOT_FAILED
         if verdict is Verdict.CRASHED:
             self._back_off(slot, child, now)
         elif verdict is Verdict.RECYCLED:
@@ -238,6 +246,13 @@ class Table:
         if status.code == ExitCode.OK and child.phase is not Phase.KILLING:
             return Verdict.RECYCLED
         return Verdict.CRASHED
+
+    def _cannot_boot(self, queue: str) -> bool:
+        """Every wanted slot of ``queue`` saw ``boot_crash_limit`` children in a row crash before
+        consuming: whatever breaks them (a missing library, a crash in an import hook) is not
+        going away, and restarting them forever only hides it."""
+        limit = self.config.boot_crash_limit
+        return all(slot.boot_crashes >= limit for slot in self._wanted_slots(queue))
 
     def _back_off(self, slot: Slot, child: ChildRecord, now: float) -> None:
         """The first crash is replaced at once; more in a row wait 0.1 s, 0.2 s ... 30 s."""

@@ -448,6 +448,74 @@ def test_a_child_whose_loop_freezes_is_replaced_though_its_heartbeats_go_on(
     assert not sup.runs("start")  # the frozen message never started
 
 
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_a_leaking_child_recycles_itself_after_the_task_that_crossed_the_limit(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    """Each task keeps 20 MiB; the limit is 100 MiB. The child checks its own RSS after every
+    task, so no task starts in a process already over the limit (the master's once-a-second view
+    let ten prefetched tasks run first)."""
+    queue = create_queue(broker, unique_queue())
+    sup = supervise(
+        "--app",
+        "sup_tasks",
+        "--queues",
+        f"{queue}:1",
+        "--wait",
+        "1",
+        "--max-memory-per-child",
+        "100",
+    )
+    sup.wait_consuming({queue: 1})
+    keys = send(broker, queue, [f"leak-{i}" for i in range(10)], task="sup_tasks.leak")
+    wait_until(lambda: {r.key for r in sup.runs("done")} >= set(keys), 40)
+    started_at = [int(run.extra) for run in sup.runs("start")]
+    assert max(started_at) <= 100 << 20, [rss >> 20 for rss in started_at]
+    assert len({run.pid for run in sup.runs("start")}) >= 3  # it was recycled more than once
+    assert sup.events("child_memory_exceeded")
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_after_the_master_dies_a_child_stuck_in_a_long_task_stops_within_the_graceful_timeout(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue(), visibility=60)
+    sup = supervise(
+        "--app", "sup_tasks", "--queues", f"{queue}:1", "--wait", "1", "--graceful-timeout", "2"
+    )
+    [pids] = sup.wait_consuming({queue: 1}).values()
+    [child] = pids
+    send(broker, queue, ["long"], seconds=30.0)  # no time limit, under the inline executor
+    wait_until(lambda: [r for r in sup.runs("start") if r.key == "long"], 15)
+    sup.signal(signal.SIGKILL)
+    wait_until(lambda: not psutil.pid_exists(child) or _zombie(child), 10)
+    # It released the message as it went: another consumer gets it long before 60 s.
+    [message] = wait_until(lambda: broker.receive(queue, 1, wait_seconds=1), 10)
+    assert decode(message.body).args == ("long",)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@fauxqs_env()
+@pytest.mark.timeout(60)
+def test_children_that_crash_at_every_boot_stop_the_master_with_exit_code_3(
+    supervise: Any, broker: SQSBroker, unique_queue: Any
+) -> None:
+    queue = create_queue(broker, unique_queue())
+    sup = supervise("--app", "sup_bootcrash", "--queues", f"{queue}:2", "--wait", "1")
+    assert sup.wait_exit(30) == 3
+    crashes = [e for e in sup.events("child_exited") if e.get("verdict") == "crashed"]
+    assert len(crashes) >= 2 * 4  # limit 5 per slot: four crashes each, then the verdict
+    assert any("crashed before consuming" in e.get("reason", "") for e in sup.events())
+
+
 def _timestamp(event: dict[str, Any]) -> float:
     return dt.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 

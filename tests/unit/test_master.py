@@ -440,3 +440,28 @@ def test_a_loop_that_blocks_on_purpose_is_not_stalled() -> None:
         w.now += 1
         w.beat(child, "busy", loop_age=None)
         assert w.table.hung(w.now) == []
+
+
+def test_children_that_keep_crashing_before_they_consume_stop_the_master() -> None:
+    """Not a configuration error (those exit 3 at once) but a crash at boot, every time, in
+    every slot: after boot_crash_limit in a row per slot, the verdict is a boot failure."""
+    w = world({"a": 2}, boot_crash_limit=3)
+    verdicts = []
+    for _ in range(3):
+        for child in w.fill():
+            verdicts.append(w.exit(child, KILLED))
+        w.now += 60  # past every backoff
+    assert verdicts[:-1] == [Verdict.CRASHED] * 5
+    assert verdicts[-1] is Verdict.BOOT_FAILED
+
+
+def test_a_child_that_consumed_resets_its_slot_s_boot_crashes() -> None:
+    w = world({"a": 1}, boot_crash_limit=2)
+    [child] = w.fill()
+    assert w.exit(child, KILLED) is Verdict.CRASHED
+    w.now += 60
+    [child] = w.boot()  # this one reports in: the slot can boot
+    assert w.exit(child, KILLED) is Verdict.CRASHED
+    w.now += 60
+    [child] = w.fill()
+    assert w.exit(child, KILLED) is Verdict.CRASHED  # one boot crash since the last success
