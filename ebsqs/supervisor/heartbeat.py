@@ -16,6 +16,7 @@ import json
 import os
 import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +114,7 @@ class Beat:
             task_age=round(status.at - current.started_at, 3) if current else None,
             deadline_in=None if deadline is None else round(deadline - status.at, 3),
             rss=rss,
-            sent_at=status.at,
+            sent_at=time.time(),
             counts=status.counters.queue_wire(),
             loop_age=None if status.loop_age is None else round(status.loop_age, 3),
         )

@@ -1,5 +1,10 @@
 """The messages a worker holds, and what its heartbeats say about them.
 
+Every time here is ``time.monotonic()``: deadlines and visibility timers must not move when the
+wall clock steps (an NTP correction, a VM resumed), or a healthy task is settled as overrun
+(+1 h) or its message stops being extended and runs again (-1 h). Only what crosses hosts (a
+message's due time) is wall-clock, and that lives in the envelope.
+
 A received message is *held* from the moment it is received until it is acked (deleted) or
 released. The loop's thread adds and settles held messages; the keeper's thread reads them to
 extend their visibility and to find tasks past their hard limit. :class:`HeldMessages` is the
@@ -50,7 +55,7 @@ class WorkerStatus:
     held: int
     running: tuple[RunningTask, ...]
     counters: Counters
-    at: float
+    at: float  # time.monotonic(), like the running tasks' times
     loop_age: float | None = None  # seconds since the loop progressed; None while it blocks
 
 
@@ -66,7 +71,7 @@ class Held:
     started_at: float | None = None
     deadline: float | None = None
     visible_until: float = 0.0
-    first_received: float = field(default_factory=time.time)
+    first_received: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> str:

@@ -96,7 +96,7 @@ class Keeper:
         soonest = self.held.soonest_deadline()
         if soonest is None:
             return KEEPER_INTERVAL
-        return min(KEEPER_INTERVAL, max(soonest - time.time(), 0.0) + 0.05)
+        return min(KEEPER_INTERVAL, max(soonest - time.monotonic(), 0.0) + 0.05)
 
     def settle_overruns(self) -> None:
         """Settle, as timed out, tasks past a hard limit their executor cannot enforce.
@@ -105,7 +105,7 @@ class Keeper:
         the task (inline), after a drain otherwise (other tasks may finish; the runaway thread
         dies with the process).
         """
-        now = time.time()
+        now = time.monotonic()
         overrun = [h for h in self.held.overrun(now) if not self._stoppable(h)]
         if not overrun:
             return
@@ -126,7 +126,7 @@ class Keeper:
 
     def extend_visibility(self) -> None:
         """Push back the visibility of every held message that expires soon."""
-        now = time.time()
+        now = time.monotonic()
         timeout = self.visibility_timeout
         due = self.held.expiring(now, margin=max(timeout / 3, 2 * KEEPER_INTERVAL))
         if due:

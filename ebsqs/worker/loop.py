@@ -287,7 +287,7 @@ class Worker:
         self._backlog = len(messages) == min(room, MAX_BATCH)
         if not messages:
             self.counters.empty_receives += 1
-        now = time.time()
+        now = time.monotonic()
         for message in messages:
             self._accept(Held(message, queue, visible_until=now + self.options.visibility_timeout))
 
@@ -331,7 +331,7 @@ class Worker:
                 self._hold_back(held, decision)
                 continue
             self._started += 1
-            held.start(time.time())
+            held.start(time.monotonic())
             self.state = WorkerState.BUSY
             if held.deadline is not None:
                 # Tell the master the deadline from this thread, before the task starts: a task
@@ -392,7 +392,7 @@ class Worker:
             len(self._held),
             self._held.running(),
             self.counters,
-            time.time(),
+            time.monotonic(),
             self._pulse.age(),
         )
 

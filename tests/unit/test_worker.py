@@ -197,7 +197,7 @@ def test_keeper_extends_visibility_of_held_messages(
     worker = make_worker(broker, reg, visibility_timeout=30)
     worker._receive()
     [held] = worker._held.all()
-    held.visible_until = time.time() + 1  # about to expire
+    held.visible_until = time.monotonic() + 1  # about to expire
     worker._keeper.extend_visibility()
     [stored] = broker._queues["q"].messages.values()
     assert stored.visible_at - time.time() > 25
@@ -210,8 +210,8 @@ def test_extension_stops_at_the_hard_limit(broker: MemoryBroker, reg: TaskRegist
     worker = make_worker(broker, reg, visibility_timeout=30)
     worker._receive()
     [held] = worker._held.all()
-    held.visible_until = time.time()
-    held.deadline = time.time() - 10  # the hard limit passed long ago
+    held.visible_until = time.monotonic()
+    held.deadline = time.monotonic() - 10  # the hard limit passed long ago
     worker._keeper.extend_visibility()
     assert worker.counters.extended == 0
 
@@ -514,3 +514,42 @@ def test_a_pool_process_that_dies_under_a_task_gets_its_message_redelivered(
         worker.drain(time.monotonic() + 5)
     assert (stats.crashed, stats.succeeded, stats.failed, stats.dead_lettered) == (1, 1, 0, 0)
     assert dead_letters(broker) == []
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("step", [3600.0, -3600.0])
+def test_a_wall_clock_step_neither_overruns_a_task_nor_stops_its_extensions(
+    broker: MemoryBroker, reg: TaskRegistry, monkeypatch: pytest.MonkeyPatch, step: float
+) -> None:
+    """+1 h used to settle a healthy task as overrun; -1 h stopped its extensions so it ran
+    again. Deadlines and visibility timers run on the monotonic clock."""
+    import threading
+
+    from ebsqs.executors.thread import ThreadExecutor
+
+    release = threading.Event()
+    task(name="steady", registry=reg, time_limit=60)(lambda: release.wait(10))
+    put(broker, body("steady"))
+    worker = Worker(
+        broker,
+        Settings(broker_url="memory://unused"),
+        ThreadExecutor(concurrency=1, registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=0, visibility_timeout=30),
+        registry=reg,
+    )
+    worker.start()
+    try:
+        worker.loop_once()
+        [held] = worker._held.all()
+        assert held.started_at is not None
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + step)
+        held.visible_until = time.monotonic() + 1  # about to expire
+        worker._keeper.pass_once()
+        assert not worker.overran and worker._held.all() == [held]
+        assert worker.counters.extended == 1
+    finally:
+        monkeypatch.undo()
+        release.set()
+        worker.drain(time.monotonic() + 5)
+    assert worker.counters.tasks["steady"].succeeded == 1
