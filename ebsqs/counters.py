@@ -174,6 +174,10 @@ class Counters:
         empty_receives: receive calls that returned nothing (an idle queue, not an error).
         received: messages received.
         extended: visibility extensions.
+        receive_errors: receive calls that failed (of which some were throttled or KMS errors).
+        throttled: broker calls refused for throttling (``RequestThrottled``, ``OverLimit``...).
+        kms_errors: broker calls that failed on the queue's KMS key.
+        ack_errors: deletes that failed.
         tasks: per task name, outcomes and durations.
     """
 
@@ -181,6 +185,10 @@ class Counters:
     empty_receives: int = counter("Receive calls that returned nothing.")
     received: int = counter("Messages received.", metric="ebsqs_messages_received_total")
     extended: int = counter("Visibility timeout extensions.", "ebsqs_visibility_extensions_total")
+    receive_errors: int = counter("Receive calls that failed.")
+    throttled: int = counter("Broker calls refused for throttling or over a limit.")
+    kms_errors: int = counter("Broker calls that failed on the queue's KMS key.")
+    ack_errors: int = counter("Deletes that failed (the message will be delivered again).")
     tasks: dict[str, TaskStats] = field(default_factory=dict)
 
     def task(self, name: str) -> TaskStats:

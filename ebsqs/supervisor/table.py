@@ -32,7 +32,7 @@ from ebsqs.supervisor.snapshot import (
 )
 
 #: Worker states (from heartbeats) in which a child is consuming.
-CONSUMING = frozenset({"idle", "busy"})
+CONSUMING = frozenset({"idle", "busy", "degraded"})
 
 
 class Verdict(enum.StrEnum):

@@ -32,6 +32,7 @@ class WorkerState(enum.StrEnum):
     STARTING = "starting"
     IDLE = "idle"
     BUSY = "busy"
+    DEGRADED = "degraded"  # consuming, but its receives keep failing
     DRAINING = "draining"
     STOPPED = "stopped"
 
@@ -72,6 +73,7 @@ class Held:
     deadline: float | None = None
     visible_until: float = 0.0
     first_received: float = field(default_factory=time.monotonic)
+    lost: bool = False  # the broker called its receipt dead: extending it is pointless
 
     @property
     def key(self) -> str:
@@ -131,7 +133,9 @@ class HeldMessages:
     def expiring(self, now: float, margin: float) -> list[Held]:
         """Messages whose visibility ends within ``margin`` seconds."""
         with self._lock:
-            return [h for h in self._items.values() if h.visible_until - now < margin]
+            return [
+                h for h in self._items.values() if not h.lost and h.visible_until - now < margin
+            ]
 
     def soonest_deadline(self) -> float | None:
         """The earliest hard deadline of a running task, if any."""

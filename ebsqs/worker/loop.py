@@ -46,6 +46,14 @@ from ebsqs.worker.settle import Settler
 
 log = structlog.get_logger(__name__)
 
+#: Pauses after failed receives: 0.5 s doubling to 30 s, jittered so that a fleet does not
+#: come back in step after an outage.
+RECEIVE_BACKOFF = Backoff(0.5, 30.0)
+#: Receives failed in a row after which the worker reports itself degraded.
+DEGRADED_AFTER = 3
+#: What SQS says when it refuses a call for its rate or a limit.
+THROTTLED = ("Throttl", "OverLimit", "RequestThrottled", "SlowDown")
+
 
 class FastStop(BaseException):
     """Raised in the loop's thread by a second stop signal: abandon work and exit now."""
@@ -99,6 +107,7 @@ class Worker:
         self._pending: deque[Held] = deque()
         self._stopping = threading.Event()
         self._receiving = False
+        self._receive_failures = 0  # in a row
         self._started = 0
         self._backlog = False
         #: A task overran a hard limit the executor could not enforce: exit with
@@ -221,7 +230,10 @@ class Worker:
         outcomes += self.executor.stop_overdue(time.monotonic())
         self._settle(outcomes)
         self._start_pending()
-        self.state = WorkerState.BUSY if self._held else WorkerState.IDLE
+        if self._receive_failures >= DEGRADED_AFTER:
+            self.state = WorkerState.DEGRADED
+        else:
+            self.state = WorkerState.BUSY if self._held else WorkerState.IDLE
         if self._reached_max_tasks() and not self.executor.running():
             log.info("worker_recycled", tasks=self._started)
             self.stop()
@@ -279,9 +291,9 @@ class Worker:
             # timeout: delayed, never lost.
             return
         except BrokerError as exc:
-            log.error("receive_failed", queue=queue, error=str(exc))
-            self._stopping.wait(1.0)  # back off without spinning; wakes at once on stop
+            self._receive_failed(queue, exc)
             return
+        self._receive_failures = 0
         self.counters.receives += 1
         self.counters.received += len(messages)
         self._backlog = len(messages) == min(room, MAX_BATCH)
@@ -290,6 +302,20 @@ class Worker:
         now = time.monotonic()
         for message in messages:
             self._accept(Held(message, queue, visible_until=now + self.options.visibility_timeout))
+
+    def _receive_failed(self, queue: str, exc: BrokerError) -> None:
+        """Count the failure, then back off, capped and jittered, waking at once on stop."""
+        self._receive_failures += 1
+        counters = self.counters
+        counters.receive_errors += 1
+        text = str(exc)
+        if any(marker in text for marker in THROTTLED):
+            counters.throttled += 1
+        if "KMS" in text:
+            counters.kms_errors += 1
+        delay = RECEIVE_BACKOFF.delay(self._receive_failures)
+        log.error("receive_failed", queue=queue, error=text, retry_in=round(delay, 3))
+        self._stopping.wait(delay)
 
     def _accept(self, held: Held) -> None:
         """Decode and check one message; keep it if it can run, else dead-letter or hop it."""

@@ -273,6 +273,7 @@ class Settler:
                     failed = self.broker.ack(batch)
             except EbsqsError as exc:
                 failed = {m.message_id: str(exc) for m in batch}
+            self.counters.ack_errors += len(failed)
             for message_id, why in failed.items():
                 log.warning("ack_failed", message_id=message_id, reason=why)
 
@@ -288,6 +289,15 @@ class Settler:
             log.info("messages_released", count=len(batch) - len(failed), reason=reason)
             for message_id, why in failed.items():
                 log.warning("release_failed", message_id=message_id, reason=why)
+
+    def _extension_failed(self, item: Held, reason: str) -> None:
+        if any(marker in reason for marker in DEAD_RECEIPT):
+            # Retrying would fail forever: the message is back in the queue (its task may still
+            # finish here; its delete will then fail and it runs again, at-least-once).
+            item.lost = True
+            log.warning("message_visibility_lost", message_id=item.key, reason=reason)
+        else:
+            log.warning("visibility_extension_failed", message_id=item.key, reason=reason)
 
     def extend(self, held: Sequence[Held], timeout: int, now: float) -> None:
         """Push back the visibility of held messages, never past a task's hard limit."""
@@ -310,14 +320,20 @@ class Settler:
                     failed = {h.message.message_id: str(exc) for h in batch}
                 for item in batch:
                     if item.message.message_id in failed:
-                        log.warning(
-                            "visibility_extension_failed",
-                            message_id=item.message.message_id,
-                            reason=failed[item.message.message_id],
-                        )
+                        self._extension_failed(item, failed[item.message.message_id])
                     else:
                         item.visible_until = now + extension
                         self.counters.extended += 1
+
+
+#: What brokers say of a receipt that can never work again (the message was received anew, or
+#: is no longer in flight): SQS's error codes, and the embedded brokers' wording.
+DEAD_RECEIPT = (
+    "ReceiptHandleIsInvalid",
+    "MessageNotInflight",
+    "receipt handle has expired",
+    "receipt handle is no longer valid",
+)
 
 
 def _log_fields(

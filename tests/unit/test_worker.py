@@ -553,3 +553,75 @@ def test_a_wall_clock_step_neither_overruns_a_task_nor_stops_its_extensions(
         release.set()
         worker.drain(time.monotonic() + 5)
     assert worker.counters.tasks["steady"].succeeded == 1
+
+
+class FailingBroker(MemoryBroker):
+    """The memory broker, with receives that fail while ``failing`` is set."""
+
+    failing = True
+
+    def receive(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def,override]
+        from ebsqs.errors import BrokerError
+
+        if self.failing:
+            raise BrokerError("RequestThrottled: Request is throttled.")
+        return super().receive(*args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_failing_receives_back_off_count_and_report_degraded_until_one_works(
+    reg: TaskRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ebsqs.backoff import Backoff
+    from ebsqs.worker import loop
+
+    waits: list[float] = []
+    monkeypatch.setattr(loop, "RECEIVE_BACKOFF", Backoff(0.01, 0.04))
+    broker = FailingBroker()
+    put(broker)
+    worker = make_worker(broker, reg)  # type: ignore[arg-type]
+    real_wait = worker._stopping.wait
+    monkeypatch.setattr(worker._stopping, "wait", lambda t: waits.append(t) or real_wait(0))
+    for _ in range(4):
+        worker.loop_once()
+    assert worker.state is WorkerState.DEGRADED
+    counters = worker.counters
+    assert (counters.receive_errors, counters.throttled, counters.kms_errors) == (4, 4, 0)
+    assert len(waits) == 4 and all(0 <= w <= 0.04 for w in waits)
+    broker.failing = False
+    worker.loop_once()
+    assert worker.state is WorkerState.IDLE and counters.receives == 1
+    worker.drain()
+
+
+def test_a_receipt_the_broker_calls_dead_is_not_extended_again(reg: TaskRegistry) -> None:
+    clock = [1000.0]
+    broker = MemoryBroker(clock=lambda: clock[0])
+    import threading
+
+    release = threading.Event()
+    task(name="slow", registry=reg)(lambda: release.wait(10))
+    put(broker, body("slow"))
+    from ebsqs.executors.thread import ThreadExecutor
+
+    worker = Worker(
+        broker,
+        Settings(broker_url="memory://unused"),
+        ThreadExecutor(concurrency=1, registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=0, visibility_timeout=30),
+        registry=reg,
+    )
+    worker.start()
+    try:
+        worker.loop_once()
+        [held] = worker._held.all()
+        clock[0] += 31  # its visibility lapsed; another consumer received it anew
+        assert broker.receive("q", 1, 0)
+        with capture_logs() as logs:
+            for _ in range(3):
+                held.visible_until = time.monotonic()  # due for an extension
+                worker._keeper.extend_visibility()
+        assert held.lost and worker.counters.extended == 0
+        assert [e["event"] for e in logs] == ["message_visibility_lost"]
+    finally:
+        release.set()
+        worker.drain(time.monotonic() + 5)
