@@ -123,3 +123,21 @@ class Retry(Exception):
 
 class SoftTimeLimitExceeded(EbsqsError):
     """Raised inside a task that ran past its soft time limit (where the executor can)."""
+
+
+class BrokerAccessDenied(ConfigurationError, BrokerError):
+    """The broker refused who we are or what we asked: unknown or bad credentials, a missing
+    IAM permission, a KMS key we may not use.
+
+    A configuration error, so a worker that meets it at start is a boot failure (exit code
+    :attr:`ExitCode.BOOT`): restarting does not grant permissions. Met later, it is a broker
+    error like any other, and the worker keeps trying.
+    """
+
+
+class BrokerDamaged(ConfigurationError, BrokerError):
+    """The broker's own storage is damaged: a SQLite file that is not a database, or whose
+    pages are malformed.
+
+    A boot failure at start, like :class:`BrokerAccessDenied`: a restart reads the same file.
+    """

@@ -69,7 +69,13 @@ from ebsqs.brokers.base import (
     ReceivedMessage,
 )
 from ebsqs.brokers.checks import check_batch, check_message, check_receive
-from ebsqs.errors import BrokerError, BrokerUnavailable, ConfigurationError, QueueDoesNotExist
+from ebsqs.errors import (
+    BrokerDamaged,
+    BrokerError,
+    BrokerUnavailable,
+    ConfigurationError,
+    QueueDoesNotExist,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -259,6 +265,8 @@ class SQLiteBroker:
                     f"SQLite broker {self.path!r} stayed locked for {BUSY_TIMEOUT_SECONDS:g} s "
                     f"while opening: {exc}"
                 ) from exc
+            if _is_damaged(exc):
+                raise self._damaged(exc) from exc
             raise ConfigurationError(
                 f"cannot open the SQLite broker database {self.path!r}: {exc}"
             ) from exc
@@ -332,7 +340,18 @@ class SQLiteBroker:
                     f"SQLite broker {self.path!r} stayed locked for {BUSY_TIMEOUT_SECONDS:g} s: "
                     f"{exc}"
                 ) from exc
+            if _is_damaged(exc):
+                raise self._damaged(exc) from exc
             raise BrokerError(f"SQLite broker {self.path!r} failed: {exc}") from exc
+
+    def _damaged(self, exc: Exception) -> BrokerDamaged:
+        """The error for a file SQLite cannot read: a restart reads the same file, so say how
+        to get a good one."""
+        return BrokerDamaged(
+            f"SQLite broker file {self.path!r} is damaged ({exc}): stop every process using "
+            f"it, then restore it from a backup or move it aside (`sqlite3 {self.path} "
+            ".recover` may save its messages); the next start creates a new, empty one"
+        )
 
     def _read_one(self, sql: str, params: Sequence[object] | dict[str, object]) -> tuple[int, ...]:
         """Run one read-only statement in autocommit mode and return its single row."""
@@ -679,6 +698,18 @@ def _message_row(
         message.group_id,
         message.dedup_id,
     )
+
+
+#: What SQLite says of a file it cannot read as a database, or whose pages are broken.
+_DAMAGED_CODES = frozenset({sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT})
+_DAMAGED_TEXTS = ("file is not a database", "database disk image is malformed")
+
+
+def _is_damaged(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _DAMAGED_CODES
+    return any(text in str(exc) for text in _DAMAGED_TEXTS)
 
 
 def _is_busy(exc: BaseException) -> bool:

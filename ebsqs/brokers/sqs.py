@@ -7,7 +7,8 @@ set with ``AWS_ENDPOINT_URL_SQS`` or ``AWS_ENDPOINT_URL``, which boto3 reads its
 
 Errors: a missing queue raises :class:`~ebsqs.errors.QueueDoesNotExist`; an endpoint that cannot
 be reached, or that keeps throttling after botocore's retries, raises
-:class:`~ebsqs.errors.BrokerUnavailable`; any other refusal raises
+:class:`~ebsqs.errors.BrokerUnavailable`; credentials SQS does not accept, or a permission (IAM
+or KMS) we lack, raise :class:`~ebsqs.errors.BrokerAccessDenied`; any other refusal raises
 :class:`~ebsqs.errors.BrokerError`; missing credentials or region raise
 :class:`~ebsqs.errors.ConfigurationError`. The botocore exception is always the ``__cause__``.
 """
@@ -47,6 +48,7 @@ from ebsqs.brokers.base import (
 )
 from ebsqs.brokers.checks import check_batch, check_message, check_receive
 from ebsqs.errors import (
+    BrokerAccessDenied,
     BrokerError,
     BrokerUnavailable,
     ConfigurationError,
@@ -101,6 +103,21 @@ _THROTTLED = frozenset(
         "RequestLimitExceeded",
     }
 )
+
+#: Who we are is unknown to AWS (a bad access key id, or secret), or what we asked is not allowed.
+#: The JSON protocol names them ``...Exception``, the query protocol without the suffix.
+_UNAUTHENTICATED = frozenset(
+    {
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "SignatureDoesNotMatch",
+        "InvalidSecurity",
+    }
+)
+_FORBIDDEN = frozenset({"AccessDenied", "AccessDeniedException"})
+#: The queue is encrypted with a KMS key this identity may not use.
+_KMS_DENIED = frozenset({"KMS.AccessDeniedException", "KmsAccessDenied"})
+_DENIED = _UNAUTHENTICATED | _FORBIDDEN | _KMS_DENIED
 
 #: Attempts for batch entries that fail transiently (``SenderFault`` false), and the base pause.
 _ENTRY_ATTEMPTS = 3
@@ -240,6 +257,8 @@ class SQSBroker:
                 f"queue {queue!r} was purged less than 60 s ago: SQS allows one purge per queue "
                 "every 60 seconds, try again later"
             )
+        if code in _DENIED:
+            return _access_denied(code, exc.operation_name, queue, endpoint, error)
         if code in _THROTTLED or status >= 500:
             return BrokerUnavailable(
                 f"SQS at {endpoint} kept refusing {exc.operation_name} after retries "
@@ -520,6 +539,28 @@ class SQSBroker:
         url = self._url(queue)
         self._call(queue, lambda c: c.delete_queue(QueueUrl=url))
         self._urls.pop(queue, None)
+
+
+def _access_denied(
+    code: str, operation: str, queue: str | None, endpoint: str, error: Mapping[str, Any]
+) -> BrokerAccessDenied:
+    """The error for a refusal that retrying, or restarting, cannot fix: it names what to fix."""
+    if code in _UNAUTHENTICATED:
+        fix = (
+            "AWS does not accept these credentials: check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (or the profile or role), and that they belong to the "
+            f"account and region of {endpoint}"
+        )
+    elif code in _KMS_DENIED:
+        fix = (
+            "the queue is encrypted with a KMS key this identity may not use: allow "
+            "kms:GenerateDataKey and kms:Decrypt on the queue's key"
+        )
+    else:
+        fix = f"allow sqs:{operation} on the queue in this identity's IAM policy"
+    target = f"queue {queue!r}" if queue is not None else "SQS"
+    message = error.get("Message", "")
+    return BrokerAccessDenied(f"{target}: {operation} denied ({code}: {message}); {fix}")
 
 
 def _send_entry(

@@ -23,6 +23,7 @@ from structlog.testing import capture_logs
 from ebsqs.brokers.base import OutgoingMessage, QueueSettings, ReceivedMessage
 from ebsqs.brokers.sqs import SQSBroker
 from ebsqs.errors import (
+    BrokerAccessDenied,
     BrokerError,
     BrokerUnavailable,
     ConfigurationError,
@@ -304,6 +305,68 @@ def test_unreachable_endpoint_is_broker_unavailable_naming_it(
 
     assert f"cannot reach SQS at {endpoint}" in str(error.value)
     assert time.monotonic() - started < 10
+
+
+def crafted_refusal(json_type: str, query_code: str | None, status: int = 400) -> AWSResponse:
+    """An error as SQS's JSON protocol sends it: the type in the body, and (with the query
+    compatibility header real SQS adds) the query protocol's code, which botocore then reports."""
+    headers = {"x-amzn-query-error": f"{query_code};Sender"} if query_code else {}
+    body = {"__type": f"com.amazon.coral.service#{json_type}", "message": "crafted refusal"}
+    return crafted(body, status, **headers)
+
+
+_REFUSALS = [
+    # (JSON type, query code, the operation refused, what the message says to fix)
+    ("AccessDeniedException", "AccessDenied", "GetQueueAttributes", "sqs:GetQueueAttributes"),
+    ("UnrecognizedClientException", "InvalidClientTokenId", "GetQueueAttributes", "credentials"),
+    ("KmsAccessDenied", "KMS.AccessDeniedException", "ReceiveMessage", "kms:Decrypt"),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("compatible", [False, True], ids=["json-code", "query-code"])
+@pytest.mark.parametrize(
+    ("json_type", "query_code", "operation", "fix"),
+    _REFUSALS,
+    ids=[refusal[0] for refusal in _REFUSALS],
+)
+def test_refused_identity_or_permission_is_access_denied(
+    broker: SQSBroker,
+    queue: str,
+    json_type: str,
+    query_code: str,
+    operation: str,
+    fix: str,
+    compatible: bool,
+) -> None:
+    code = query_code if compatible else json_type  # what botocore reports
+    refusal = crafted_refusal(json_type, query_code if compatible else None)
+    hook = Hook(broker, operation, lambda _: refusal)
+    call = {"GetQueueAttributes": broker.stats, "ReceiveMessage": lambda q: broker.receive(q, 1, 0)}
+
+    with pytest.raises(BrokerAccessDenied) as raised:
+        call[operation](queue)
+
+    # A configuration error, so a worker meeting it at start stops instead of restarting.
+    assert isinstance(raised.value, ConfigurationError)
+    assert isinstance(raised.value, BrokerError)
+    assert raised.value.__cause__ is not None
+    text = str(raised.value)
+    assert f"{operation} denied ({code}: crafted refusal)" in text
+    assert fix in text and repr(queue) in text
+    assert len(hook.requests) == 1  # not retried: no retry grants a permission
+
+
+@pytest.mark.timeout(30)
+def test_a_refusal_that_is_not_about_access_stays_a_broker_error(
+    broker: SQSBroker, queue: str
+) -> None:
+    Hook(broker, "GetQueueAttributes", lambda _: crafted_refusal("OverLimit", "OverLimit"))
+
+    with pytest.raises(BrokerError) as raised:
+        broker.stats(queue)
+
+    assert not isinstance(raised.value, ConfigurationError)
 
 
 @pytest.mark.timeout(30)

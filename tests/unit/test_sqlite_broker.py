@@ -17,11 +17,13 @@ from structlog.testing import capture_logs
 from ebsqs.brokers.base import OutgoingMessage, QueueSettings, QueueStats, ReceivedMessage
 from ebsqs.brokers.sqlite import SCHEMA_VERSION, SQLiteBroker
 from ebsqs.errors import (
+    BrokerDamaged,
     BrokerError,
     ConfigurationError,
     MessageTooLargeError,
     QueueDoesNotExist,
 )
+from tests.fixtures import boot_damage
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -332,12 +334,62 @@ def test_unopenable_path_is_a_configuration_error(tmp_path: Path) -> None:
         SQLiteBroker(path).list_queues()
 
 
-def test_a_file_that_is_not_a_database_is_a_configuration_error(tmp_path: Path) -> None:
-    path = tmp_path / "b.db"
-    path.write_bytes(b"definitely not sqlite" * 100)
+def test_a_file_that_is_not_a_database_is_damaged(tmp_path: Path) -> None:
+    path = boot_damage.not_a_database(tmp_path / "b.db")
+    before = path.read_bytes()
 
-    with pytest.raises(ConfigurationError, match="not a database"):
-        SQLiteBroker(str(path)).list_queues()
+    with pytest.raises(BrokerDamaged, match="not a database") as raised:
+        SQLiteBroker(str(path)).stats("q")
+
+    # A configuration error (a boot failure at start) that names the file and what to do.
+    assert isinstance(raised.value, ConfigurationError)
+    assert str(path) in str(raised.value) and "backup" in str(raised.value)
+    assert isinstance(raised.value.__cause__, sqlite3.DatabaseError)
+    assert path.read_bytes() == before  # nothing was written over it
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda b: b.stats("q"),
+        lambda b: b.receive("q", 10, 0),
+        lambda b: b.send("q", OutgoingMessage("x")),
+    ],
+    ids=["stats", "receive", "send"],
+)
+def test_a_malformed_file_is_damaged_in_every_call(tmp_path: Path, call: Any) -> None:
+    path = boot_damage.malformed(tmp_path / "b.db")
+    broker = SQLiteBroker(str(path))
+
+    with pytest.raises(BrokerDamaged, match="malformed") as raised:
+        call(broker)
+
+    # Met after start, it is a broker error like any other: the worker loop backs off.
+    assert isinstance(raised.value, BrokerError)
+    assert isinstance(raised.value, ConfigurationError)
+    assert str(path) in str(raised.value)
+    broker.close()
+
+
+def test_locked_is_not_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy database is a passing state, never a reason to stop for good."""
+    path = str(tmp_path / "b.db")
+    creator = SQLiteBroker(path)
+    creator.ensure_queue("q")
+    creator.close()
+    monkeypatch.setattr("ebsqs.brokers.sqlite.BUSY_TIMEOUT_SECONDS", 0.05)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    broker = SQLiteBroker(path)
+    try:
+        with pytest.raises(BrokerError) as raised:
+            broker.send("q", OutgoingMessage("x"))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        broker.close()
+
+    assert not isinstance(raised.value, BrokerDamaged | ConfigurationError)
 
 
 def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
