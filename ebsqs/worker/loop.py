@@ -59,13 +59,6 @@ class FastStop(BaseException):
     """Raised in the loop's thread by a second stop signal: abandon work and exit now."""
 
 
-class _ReceiveInterrupted(BaseException):
-    """Raised by a stop signal that arrives during a long poll, so the worker need not wait.
-
-    A BaseException, because botocore retries a request that raised an ordinary Exception.
-    """
-
-
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
     """How the loop behaves.
@@ -106,7 +99,6 @@ class Worker:
         self._held = HeldMessages()
         self._pending: deque[Held] = deque()
         self._stopping = threading.Event()
-        self._receiving = False
         self._receive_failures = 0  # in a row
         self._started = 0
         self._backlog = False
@@ -178,14 +170,14 @@ class Worker:
     def on_stop_signal(self, signum: int) -> None:
         """The signal handler's whole job (it runs in the loop's thread).
 
-        The first signal asks for a drain, and cuts a long poll short so an idle worker stops
-        at once. The second raises :class:`FastStop` wherever the loop is, even inside a task.
+        The first signal asks for a drain. A long poll under way is let finish (at most
+        ``wait_seconds``) and what it brings is released at once: cut short, the request's
+        messages would be handed out to nobody and wait out their whole visibility timeout.
+        The second raises :class:`FastStop` wherever the loop is, even inside a task.
         """
         if self._stopping.is_set():
             raise FastStop(signum)
         self._stopping.set()
-        if self._receiving:
-            raise _ReceiveInterrupted()
 
     def abandon(self) -> None:
         """Release every held message at once, running or not, and stop the keeper."""
@@ -274,22 +266,14 @@ class Worker:
         idle = not self._held
         wait = self.options.wait_seconds / len(self.options.queues) if idle else 0
         try:
-            self._receiving = True
-            try:
-                with self._pulse.blocked():
-                    messages = self.broker.receive(
-                        self.settings.physical_queue(queue),
-                        min(room, MAX_BATCH),
-                        wait_seconds=max(min(wait, 20), 0),
-                        visibility_timeout=self.options.visibility_timeout,
-                        metadata=False,
-                    )
-            finally:
-                self._receiving = False
-        except _ReceiveInterrupted:
-            # Anything the broker handed out in that instant comes back after its visibility
-            # timeout: delayed, never lost.
-            return
+            with self._pulse.blocked():
+                messages = self.broker.receive(
+                    self.settings.physical_queue(queue),
+                    min(room, MAX_BATCH),
+                    wait_seconds=max(min(wait, 20), 0),
+                    visibility_timeout=self.options.visibility_timeout,
+                    metadata=False,
+                )
         except BrokerError as exc:
             self._receive_failed(queue, exc)
             return
