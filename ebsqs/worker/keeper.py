@@ -6,7 +6,7 @@ About once a second (sooner when a running task's hard limit falls) the keeper:
    :class:`~ebsqs.executors.base.Capabilities`): the message is settled as timed out, so it is
    retried or dead-lettered by the task's policy instead of coming back to run again, and the
    worker is told to end its process;
-2. sends deletes that waited a second to fill a batch;
+2. sends deletes that waited ``ack_wait`` (0.1 s by default) to fill a batch;
 3. extends the visibility of every held message before it expires, running or not.
 
 The keeper never sends heartbeats: its work goes through the network and can stall behind an
@@ -88,15 +88,20 @@ class Keeper:
     def pass_once(self) -> None:
         """One pass: overruns, waiting deletes, visibility."""
         self.settle_overruns()
-        self.settler.flush_acks(older_than=KEEPER_INTERVAL)
+        self.settler.flush_acks(older_than=self.settler.ack_wait)
         self.extend_visibility()
 
     def _wait(self) -> float:
-        """Until the next pass: a second, or sooner when a running task's hard limit falls."""
+        """Until the next pass: a second, or sooner when a running task's hard limit falls or
+        a waiting delete is due."""
+        wait = KEEPER_INTERVAL
         soonest = self.held.soonest_deadline()
-        if soonest is None:
-            return KEEPER_INTERVAL
-        return min(KEEPER_INTERVAL, max(soonest - time.monotonic(), 0.0) + 0.05)
+        if soonest is not None:
+            wait = min(wait, max(soonest - time.monotonic(), 0.0) + 0.05)
+        ack_due = self.settler.ack_due_in()
+        if ack_due is not None:
+            wait = min(wait, ack_due + 0.01)
+        return wait
 
     def settle_overruns(self) -> None:
         """Settle, as timed out, tasks past a hard limit their executor cannot enforce.

@@ -42,7 +42,7 @@ from ebsqs.registry import TaskRegistry, registry
 from ebsqs.worker.held import Held, HeldMessages, WorkerState, WorkerStatus
 from ebsqs.worker.keeper import Keeper
 from ebsqs.worker.pulse import Heartbeat, Pulse
-from ebsqs.worker.settle import Settler
+from ebsqs.worker.settle import DEFAULT_ACK_WAIT, Settler
 
 log = structlog.get_logger(__name__)
 
@@ -68,7 +68,9 @@ class WorkerOptions:
         wait_seconds: long-poll wait when nothing is running.
         visibility_timeout: seconds a received message stays invisible before extension.
         max_tasks: stop gracefully after this many tasks (recycling), or None.
-        heartbeat: called with a :class:`WorkerStatus` about every second, from the keeper.
+        heartbeat: called with a :class:`WorkerStatus` about every second, from a thread of its
+            own (and from the loop's thread just before a task with a hard limit starts).
+        ack_wait: seconds a finished message's delete may wait to fill a batch of ten.
     """
 
     queues: tuple[str, ...]
@@ -76,6 +78,7 @@ class WorkerOptions:
     visibility_timeout: int = 30
     max_tasks: int | None = None
     heartbeat: Callable[[WorkerStatus], None] | None = None
+    ack_wait: float = DEFAULT_ACK_WAIT
 
 
 class Worker:
@@ -114,6 +117,7 @@ class Worker:
             Backoff(settings.backoff_base, settings.backoff_cap),
             self.counters,
             io=self._pulse.blocked,
+            ack_wait=options.ack_wait,
         )
         self._keeper = Keeper(
             self._held,

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+#: Seconds a finished message's delete may wait for nine others (``ack_wait``).
+DEFAULT_ACK_WAIT = 0.1
+
 #: Dead-letter copies carry why they are there in these message attributes.
 REASON, ERROR_TYPE, ERROR, ATTEMPTS, SOURCE, TASK = (
     "ebsqs-reason",
@@ -56,6 +59,7 @@ class Settler:
         backoff: Backoff,
         counters: Counters,
         io: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
+        ack_wait: float = DEFAULT_ACK_WAIT,
     ) -> None:
         """
         Args:
@@ -65,16 +69,19 @@ class Settler:
             counters: the worker's counters.
             io: wraps every broker call (the worker's pulse: waiting on the network is not a
                 stalled loop).
+            ack_wait: the longest a finished message's delete waits for a full batch.
         """
         self.io = io
         self.broker = broker
         self.settings = settings
         self.backoff = backoff
         self.counters = counters
-        # Deletes wait here to go out ten per request. The loop flushes them whenever it would
-        # block or has nothing left to start, the keeper flushes any older than a second, so
-        # a crash repeats at most about a second of finished work (SQS is at-least-once
-        # anyway) while the worker makes a tenth of the delete requests.
+        # Deletes wait here to go out ten per request. They go when ten are waiting, when the
+        # oldest has waited ack_wait (checked as each is added, and by the keeper), and
+        # whenever the loop would block or has nothing left to start. A crash repeats at most
+        # the work finished in the last ack_wait (SQS is at-least-once anyway), while a batch
+        # of quick tasks still costs one delete request.
+        self.ack_wait = ack_wait
         self._acks: list[ReceivedMessage] = []
         self._oldest_ack = 0.0
         self._ack_lock = threading.Lock()
@@ -252,13 +259,21 @@ class Settler:
         """Queue messages for deletion; a full batch of ten goes out at once."""
         if not messages:
             return
+        now = time.monotonic()
         with self._ack_lock:
             if not self._acks:
-                self._oldest_ack = time.monotonic()
+                self._oldest_ack = now
             self._acks.extend(messages)
-            full = len(self._acks) >= MAX_BATCH
-        if full:
+            due = len(self._acks) >= MAX_BATCH or now - self._oldest_ack >= self.ack_wait
+        if due:
             self.flush_acks()
+
+    def ack_due_in(self) -> float | None:
+        """Seconds until the oldest waiting delete must go, or None when none waits."""
+        with self._ack_lock:
+            if not self._acks:
+                return None
+            return max(self._oldest_ack + self.ack_wait - time.monotonic(), 0.0)
 
     def flush_acks(self, older_than: float = 0.0) -> None:
         """Delete every queued message now (or only if the oldest waited ``older_than`` s)."""

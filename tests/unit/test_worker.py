@@ -625,3 +625,27 @@ def test_a_receipt_the_broker_calls_dead_is_not_extended_again(reg: TaskRegistry
     finally:
         release.set()
         worker.drain(time.monotonic() + 5)
+
+
+def test_a_delete_waits_at_most_ack_wait_for_a_full_batch(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    """A kill repeats at most the work finished in the last ack_wait: a slow task's delete is
+    sent as the next one finishes, not a batch later."""
+    task(name="ok", registry=reg)(lambda: None)
+    put(broker, *(body("ok") for _ in range(3)))
+    worker = make_worker(broker, reg, ack_wait=0.1)
+    calls: list[int] = []
+    real_ack = broker.ack
+    broker.ack = lambda messages: calls.append(len(messages)) or real_ack(messages)  # type: ignore[method-assign]
+    settler = worker._settler
+    worker._receive()
+    [first, *rest] = list(worker._pending)
+    worker._pending.clear()
+    worker._pending.append(first)
+    worker._start_pending()
+    assert calls == [] and settler.ack_due_in() is not None  # one delete waits
+    settler._oldest_ack -= 0.2  # the first task's delete has waited longer than ack_wait
+    worker._pending.extend(rest)
+    worker._start_pending()  # the next finished task sends both waiting deletes
+    assert calls[0] == 2
