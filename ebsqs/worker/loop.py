@@ -33,7 +33,13 @@ from ebsqs.brokers import MAX_BATCH, Broker
 from ebsqs.config import Settings
 from ebsqs.counters import Counters
 from ebsqs.envelope import decode
-from ebsqs.errors import BrokerError, EnvelopeError, ExitCode, QueueDoesNotExist
+from ebsqs.errors import (
+    BrokerError,
+    ConfigurationError,
+    EnvelopeError,
+    ExitCode,
+    QueueDoesNotExist,
+)
 from ebsqs.executors.base import Executor
 from ebsqs.executors.execution import Job, Outcome
 from ebsqs.middleware import Action, Decision
@@ -145,13 +151,31 @@ class Worker:
         middleware.worker_started()
 
     def _check_queue(self, queue: str) -> None:
+        """The queue and its dead-letter queue exist (or are created, where allowed).
+
+        Without a dead-letter queue, a message that must not run could be neither dead-lettered
+        nor deleted: it would come back forever. So a missing one stops the worker at start.
+
+        Raises:
+            QueueDoesNotExist: the queue is missing and auto-creation is off (a boot error).
+            ConfigurationError: likewise its dead-letter queue (a boot error).
+        """
         physical = self.settings.physical_queue(queue)
-        try:
-            self.broker.stats(physical)
-        except QueueDoesNotExist:
-            if not self.settings.auto_create_queues:
-                raise
-            ensure_queue(self.broker, self.settings, physical)
+        dead_letters = self.settings.dead_letter_queue_of_physical(physical)
+        for name in (physical, dead_letters):
+            try:
+                self.broker.stats(name)
+            except QueueDoesNotExist:
+                if self.settings.auto_create_queues:
+                    ensure_queue(self.broker, self.settings, physical)
+                    return
+                if name == physical:
+                    raise
+                raise ConfigurationError(
+                    f"queue {physical!r} has no dead-letter queue {dead_letters!r}: messages that "
+                    f"fail or must not run would come back forever; create both with "
+                    f"`ebsqs queues create {queue}`, or turn auto_create_queues on"
+                ) from None
 
     def run(self) -> None:
         """Loop until asked to stop, then drain.

@@ -649,3 +649,22 @@ def test_a_delete_waits_at_most_ack_wait_for_a_full_batch(
     worker._pending.extend(rest)
     worker._start_pending()  # the next finished task sends both waiting deletes
     assert calls[0] == 2
+
+
+def test_a_worker_will_not_start_without_a_dead_letter_queue_it_may_not_create(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    """Else a message that must not run could be neither dead-lettered nor deleted."""
+    from ebsqs.brokers import QueueSettings
+    from ebsqs.errors import ConfigurationError
+
+    broker.ensure_queue("q", QueueSettings())  # no q-dlq
+    worker = Worker(
+        broker,
+        Settings(broker_url="memory://unused", auto_create_queues=False),
+        InlineExecutor(registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=0),
+        registry=reg,
+    )
+    with pytest.raises(ConfigurationError, match=r"no dead-letter queue 'q-dlq'.*queues create q"):
+        worker.start()
