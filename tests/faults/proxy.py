@@ -24,7 +24,7 @@ Faults:
   ``x-amzn-query-error`` header SQS adds for query-compatible clients), never forwarding it.
 - *drop*: forward the request (``forward=True``: the server acts, the client never hears, a lost
   ack) or swallow it (``forward=False``: it never reaches the server), then reset the connection.
-- *latency*: sleep before forwarding.
+- *latency*: sleep before forwarding, or (``after=True``) hold the server's answer.
 
 The proxy only ever connects to 127.0.0.1, and stops by itself after ``lifetime`` seconds so a
 test that forgets it leaves nothing running.
@@ -133,6 +133,7 @@ class _Verdict:
     drop: bool = False
     forward_before_drop: bool = True
     delay: float = 0.0
+    hold: float = 0.0
 
 
 class _Faults:
@@ -144,18 +145,24 @@ class _Faults:
         self._errors: list[_Rule] = []
         self._drops: list[_Rule] = []
         self._latency: dict[str | None, float] = {}
+        self._hold: dict[str | None, float] = {}
         self._refuse_until = 0.0
         self._blackhole_until = 0.0
         self.requests: Counter[str] = Counter()
         self.faulted: Counter[str] = Counter()
+        self.answered: Counter[str] = Counter()
 
     def add(self, kind: str, rule: _Rule) -> None:
         with self._lock:
             (self._errors if kind == "error" else self._drops).append(rule)
 
-    def set_latency(self, seconds: float, operation: str | None) -> None:
+    def set_latency(self, seconds: float, operation: str | None, after: bool) -> None:
         with self._lock:
-            self._latency[operation] = seconds
+            (self._hold if after else self._latency)[operation] = seconds
+
+    def count_answer(self, operation: str) -> None:
+        with self._lock:
+            self.answered[operation] += 1
 
     def set_refuse(self, seconds: float) -> None:
         with self._lock:
@@ -170,6 +177,7 @@ class _Faults:
             self._errors.clear()
             self._drops.clear()
             self._latency.clear()
+            self._hold.clear()
             self._refuse_until = self._blackhole_until = 0.0
 
     def refusing(self) -> bool:
@@ -186,6 +194,7 @@ class _Faults:
         with self._lock:
             self.requests[operation] += 1
             delay = self._latency.get(operation, self._latency.get(None, 0.0))
+            hold = self._hold.get(operation, self._hold.get(None, 0.0))
             for rule in self._errors:
                 if rule.fires(operation, now, self._rng):
                     self.faulted[operation] += 1
@@ -194,7 +203,7 @@ class _Faults:
                 if rule.fires(operation, now, self._rng):
                     self.faulted[operation] += 1
                     return _Verdict(drop=True, forward_before_drop=rule.forward, delay=delay)
-            return _Verdict(delay=delay)
+            return _Verdict(delay=delay, hold=hold)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -230,6 +239,9 @@ class _Handler(BaseHTTPRequestHandler):
         if verdict.drop and not verdict.forward_before_drop:
             return self._reset()
         status, headers, answer = self._forward(body)
+        proxy.faults.count_answer(operation)
+        if verdict.hold:
+            proxy.stopped.wait(verdict.hold)
         if verdict.drop:
             return self._reset()  # the server acted; the client never hears
         self.send_response(status)
@@ -249,12 +261,32 @@ class _Handler(BaseHTTPRequestHandler):
         headers["Host"] = f"{LOOPBACK}:{self.server.upstream_port}"
         try:
             self._upstream.request(self.command, self.path, body=body, headers=headers)
+            self._await_answer(self._upstream)
             response = self._upstream.getresponse()
             return response.status, response.getheaders(), response.read()
         except (OSError, http.client.HTTPException):
             self._upstream.close()
             self._upstream = None
             return 502, [("Content-Type", "text/plain")], b"chaos proxy: upstream failed"
+
+    def _await_answer(self, upstream: http.client.HTTPConnection) -> None:
+        """Wait for the server's answer; if the client hangs up first, hang up on the server.
+
+        A client that goes away during a long poll closes its TCP connection, and the server
+        sees that; the proxy passes the hang-up on so it hides nothing from the server.
+
+        Raises:
+            ConnectionAbortedError: the client hung up.
+        """
+        watched = [upstream.sock, self.connection]
+        while True:
+            ready, _, _ = select.select(watched, [], [], TICK)
+            if upstream.sock in ready:
+                return
+            if self.connection in ready:
+                if not self.connection.recv(1, socket.MSG_PEEK):
+                    raise ConnectionAbortedError("the client hung up before the answer")
+                watched = [upstream.sock]  # it sent more (never with boto3): stop watching it
 
     def _answer_error(self, error: SqsError) -> None:
         answer = error.body()
@@ -371,9 +403,20 @@ class ChaosProxy:
         until = None if seconds is None else time.monotonic() + seconds
         return _Rule(operation, rate, count, until, error=error, forward=forward)
 
-    def latency(self, seconds: float, operation: str | None = None) -> None:
-        """Delay every request of ``operation`` (None: any) by ``seconds`` before forwarding."""
-        self.faults.set_latency(seconds, operation)
+    def latency(self, seconds: float, operation: str | None = None, *, after: bool = False) -> None:
+        """Delay every request of ``operation`` (None: any) by ``seconds``.
+
+        Args:
+            after: hold the server's answer instead of the request: the server has acted (a
+                receive has handed out its messages) while the client still waits.
+        """
+        self.faults.set_latency(seconds, operation, after)
+
+    @property
+    def answered(self) -> Counter[str]:
+        """Answers the server gave per operation (a copy), counted before any hold or drop."""
+        with self.faults._lock:
+            return Counter(self.faults.answered)
 
     def refuse(self, seconds: float) -> None:
         """Refuse connections for ``seconds``."""
@@ -382,6 +425,10 @@ class ChaosProxy:
     def blackhole(self, seconds: float) -> None:
         """Accept connections and read requests, but answer nothing, for ``seconds``."""
         self.faults.set_blackhole(seconds)
+
+    def down(self) -> bool:
+        """Whether connections are refused or blackholed right now."""
+        return self.faults.refusing() or self.faults.blackholed()
 
     def clear(self) -> None:
         """Remove every fault (request counts are kept)."""

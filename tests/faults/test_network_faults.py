@@ -1,0 +1,111 @@
+"""Network faults between real ``ebsqs`` processes and fauxqs, made by the chaos proxy:
+throttled and failing receives, an endpoint outage, lost acks. Judged on the ledger and the
+dead-letter queue only (see ``tests/faults/ledger.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults.harness import SLEEP, Rig
+from tests.faults.proxy import INTERNAL_ERROR, KMS_THROTTLED, OVER_LIMIT, THROTTLED, SqsError
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.fauxqs
+
+#: Messages one worker may hold beyond what runs (one receive batch).
+BATCH = 10
+
+
+def keys(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}{i:04}" for i in range(count)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    "error", [THROTTLED, OVER_LIMIT, KMS_THROTTLED, INTERNAL_ERROR], ids=lambda e: e.code
+)
+def test_failing_receives_lose_nothing(rig: Rig, error: SqsError) -> None:
+    rig.create()
+    sup = rig.start("supervise", "--workers", "2")
+    wait_until(lambda: len(sup.children()) == 2, 15, message=rig.describe)
+    # Half of all receives fail for four seconds, while the work arrives.
+    rig.proxy.inject("ReceiveMessage", error, rate=0.5, seconds=4)
+    rig.send(keys("t", 150), task=SLEEP, seconds=0.01)
+    rig.wait_settled(25)
+
+    assert rig.proxy.faulted["ReceiveMessage"] > 0, "the fault never fired"
+    assert not rig.lost()
+    assert not rig.ledger.duplicates(), "a failed receive made a message run twice"
+    assert not rig.dead_letters.keys()
+    assert len(sup.children()) == 2, "a child died of a failing receive"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("outage", ["blackhole", "refuse"])
+def test_an_endpoint_outage_loses_nothing_and_work_resumes(rig: Rig, outage: str) -> None:
+    rig.create()
+    sup = rig.start("supervise", "--workers", "2", "--visibility-timeout", "10")
+    wait_until(lambda: len(sup.children()) == 2, 15, message=rig.describe)
+    rig.send(keys("o", 120), task=SLEEP, seconds=0.05)
+    rig.wait_finished(20, 15)
+
+    getattr(rig.proxy, outage)(4)
+    wait_until(lambda: not rig.proxy.down(), 10)
+    finished_at_restore = len(rig.ledger.entries("finish"))
+    assert finished_at_restore < len(rig.sent), "the outage came too late to matter"
+
+    rig.wait_settled(30)
+    assert not rig.lost()
+    assert len(rig.ledger.entries("finish")) > finished_at_restore, "work did not resume"
+    # A delete lost in the outage repeats its batch, no more.
+    assert rig.ledger.extra_runs() <= 2 * BATCH, rig.describe()
+
+
+@pytest.mark.timeout(60)
+def test_heartbeats_keep_flowing_through_a_network_blackhole(rig: Rig) -> None:
+    """Busy children are not killed for silence while the keeper's requests hang (16.2)."""
+    rig.create()
+    sup = rig.start(
+        "supervise", "--workers", "2", "--heartbeat-timeout", "3", "--visibility-timeout", "2"
+    )
+    wait_until(lambda: len(sup.children()) == 2, 15, message=rig.describe)
+    children = set(sup.children())
+    rig.send(["hb0"], task=SLEEP, seconds=6)
+    rig.send(["hb1"], task=SLEEP, seconds=6)
+    wait_until(lambda: len(rig.ledger.started()) == 2, 15, message=rig.describe)
+
+    # The keeper extends each 2-second visibility about every second: through a 4.5-second
+    # blackhole, every one of those requests hangs.
+    rig.proxy.blackhole(4.5)
+    rig.wait_settled(30)
+    assert not sup.events("child_killed"), rig.describe()
+    assert set(sup.children()) == children
+    assert rig.ledger.finished() == {"hb0": 1, "hb1": 1}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("forward", [False, True], ids=["ack-lost-on-the-way", "answer-lost"])
+def test_lost_acks_repeat_work_and_lose_nothing(rig: Rig, forward: bool) -> None:
+    """Deletes whose answer never arrives.
+
+    ``ack-lost-on-the-way``: the request never reaches the server, through every botocore
+    retry for five seconds, so the messages come back after their 2-second visibility and run
+    again, each extra run in the ledger. ``answer-lost``: the server deleted them and the client
+    never heard; its retries find them gone. Either way nothing is lost.
+    """
+    rig.create()
+    rig.proxy.drop("DeleteMessageBatch", forward=forward, seconds=5)
+    worker = rig.start("worker", "--visibility-timeout", "2")
+    rig.send(keys("a", 10))
+    rig.wait_settled(25)
+    assert rig.proxy.faulted["DeleteMessageBatch"] > 0
+    if not forward:
+        wait_until(
+            lambda: all(count >= 2 for count in rig.ledger.finished().values()),
+            20,
+            message=rig.describe,
+        )
+        assert set(rig.ledger.duplicates()) == set(rig.sent)
+    assert not rig.lost() and not rig.dead_letters.keys()
+    assert worker.process.poll() is None, rig.describe()

@@ -1,0 +1,200 @@
+"""Process faults on real ``ebsqs`` processes: SIGKILLed children and masters, drains, crashes
+between a task's end and its ack, poison messages. Judged on the ledger and the dead-letter
+queue only (see ``tests/faults/ledger.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+
+import pytest
+
+from tests.faults.harness import POISON, SLEEP, Rig, key_of
+from tests.fixtures import ledger_tasks
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.fauxqs
+
+#: Messages a worker may hold beyond what runs (one receive batch): each kill may repeat at most
+#: this many finished tasks whose deletes had not gone out yet.
+BATCH = 10
+
+
+def keys(prefix: str, count: int) -> list[str]:
+    return [f"{prefix}{i:04}" for i in range(count)]
+
+
+def replace_child(rig: Rig, victim: int, sup: object, workers: int) -> None:
+    """SIGKILL ``victim`` and wait until the master has ``workers`` children again without it."""
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: victim not in sup.children() and len(sup.children()) == workers,  # type: ignore[attr-defined]
+        10,
+        message=rig.describe,
+    )
+
+
+@pytest.mark.timeout(60)
+def test_child_sigkill_under_load_loses_nothing(rig: Rig) -> None:
+    rig.create()
+    sup = rig.start("supervise", "--workers", "3", "--visibility-timeout", "3")
+    wait_until(lambda: len(sup.children()) == 3, 15, message=rig.describe)
+    rig.send(keys("k", 400), task=SLEEP, seconds=0.02)
+    kills = 0
+    chooser = random.Random(7)
+    for threshold in (60, 160, 260):
+        rig.wait_finished(threshold, 20)
+        replace_child(rig, chooser.choice(sup.children()), sup, 3)
+        kills += 1
+
+    rig.wait_settled(25)
+    assert not rig.lost()
+    assert not rig.dead_letters.keys(), "a killed child's message was dead-lettered"
+    assert rig.ledger.extra_runs() <= BATCH * kills, rig.describe()
+    assert len(sup.events("child_exited")) >= kills
+
+
+@pytest.mark.timeout(60)
+def test_master_sigkill_children_drain_and_a_new_supervisor_runs_the_rest(rig: Rig) -> None:
+    rig.create()
+    first = rig.start("supervise", "--workers", "2", "--visibility-timeout", "5")
+    wait_until(lambda: len(first.children()) == 2, 15, message=rig.describe)
+    children = first.children()
+    rig.send(keys("m", 60), task=SLEEP, seconds=0.1)
+    rig.wait_finished(10, 15)
+
+    first.signal(signal.SIGKILL)
+    # Orphaned children finish what runs, release what they hold, and exit by themselves.
+    wait_until(lambda: not set(first.group()) & set(children), 10, message=rig.describe)
+    started, finished = rig.ledger.started(), rig.ledger.finished()
+    assert started == finished, "an orphaned child abandoned a running task"
+
+    rig.start("supervise", "--workers", "2", "--visibility-timeout", "5")
+    rig.wait_settled(25)
+    assert not rig.lost()
+    assert not rig.ledger.duplicates(), "a drained child's finished work ran again"
+
+
+@pytest.mark.timeout(60)
+def test_graceful_drain_under_load_releases_prefetched_messages_at_once(rig: Rig) -> None:
+    visibility = 30
+    rig.create(visibility=visibility)
+    sup = rig.start("supervise", "--workers", "2", "--graceful-timeout", "20")
+    wait_until(lambda: len(sup.children()) == 2, 15, message=rig.describe)
+    rig.send(keys("d", 40), task=SLEEP, seconds=1.0)
+    # Both children busy, each holding prefetched messages behind its running task.
+    wait_until(lambda: len({e.pid for e in rig.ledger.entries("start")}) == 2, 15)
+
+    sup.signal(signal.SIGTERM)
+    assert sup.wait(15) == 0, rig.describe()
+    stopped = time.monotonic()
+    assert rig.ledger.started() == rig.ledger.finished(), "a running task was cut short"
+
+    # A new consumer gets every message that did not run, well before the visibility timeout.
+    left: list[str] = []
+
+    def take_rest() -> bool:
+        batch = rig.broker.receive(rig.queue, 10, wait_seconds=0, visibility_timeout=60)
+        left.extend(key_of(message) for message in batch)
+        return set(left) | set(rig.ledger.finished()) >= set(rig.sent)
+
+    wait_until(take_rest, 5, interval=0.05, message=rig.describe)
+    assert time.monotonic() - stopped < visibility / 3
+    assert not set(left) & set(rig.ledger.finished()), "a message ran and is still queued"
+    assert len(left) == len(set(left)) and not rig.ledger.duplicates()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_during_a_long_poll_leaves_nothing_waiting_for_its_visibility(rig: Rig) -> None:
+    rig.create(visibility=30)
+    worker = rig.start("worker", "--wait", "20")
+    # The server answers an idle worker's long poll with messages, and the answer is on its way
+    # (held 3 s by the proxy) when SIGTERM arrives: those messages are the worker's to release.
+    rig.proxy.latency(3, "ReceiveMessage", after=True)
+    wait_until(lambda: rig.proxy.requests["ReceiveMessage"] >= 1, 15, message=rig.describe)
+    rig.send(keys("p", 5))
+    wait_until(lambda: rig.proxy.answered["ReceiveMessage"] >= 1, 5, message=rig.describe)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(15) == 0, rig.describe()
+    stopped = time.monotonic()
+
+    got: list[str] = []
+
+    def receive_all() -> bool:
+        batch = rig.broker.receive(rig.queue, 10, wait_seconds=1, visibility_timeout=60)
+        got.extend(key_of(message) for message in batch)
+        return set(got) >= set(rig.sent)
+
+    # Issue item 10.3: not after the 30-second visibility timeout.
+    wait_until(receive_all, 8, interval=0, message=lambda: f"received {got}")
+    assert time.monotonic() - stopped < 10 and not rig.ledger.entries()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("point", ["before_run", "after_run"])
+def test_a_crash_between_run_and_ack_runs_the_task_again(rig: Rig, point: str) -> None:
+    rig.create()
+    sup = rig.start(
+        "supervise",
+        "--workers",
+        "2",
+        "--visibility-timeout",
+        "2",
+        **{ledger_tasks.CRASH_ENV: f"{point}:c0003"},
+    )
+    rig.send(keys("c", 8), task=SLEEP, seconds=0.05)
+    rig.wait_settled(20)
+
+    assert not rig.lost() and not rig.dead_letters.keys()
+    runs = [e for e in rig.ledger.entries("start") if e.key == "c0003"]
+    assert len(runs) == 2 and runs[0].pid != runs[1].pid, rig.describe()
+    finishes = rig.ledger.finished()["c0003"]
+    assert finishes == (2 if point == "after_run" else 1)  # at-least-once: it ran again
+    [crashed] = [e for e in sup.events("child_exited") if e["pid"] == runs[0].pid]
+    assert crashed["signal"] == "SIGKILL" and crashed["verdict"] == "crashed"
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_pool_process_redelivers_its_message(rig: Rig) -> None:
+    rig.create()
+    rig.start(
+        "supervise",
+        "--workers",
+        "1",
+        "--executor",
+        "process",
+        "--concurrency",
+        "2",
+        "--visibility-timeout",
+        "2",
+        **{ledger_tasks.CRASH_ENV: "after_run:x0001"},
+    )
+    rig.send(keys("x", 4), task=SLEEP, seconds=0.05)
+    rig.wait_settled(20)
+    # Issue item 10.2: the pool process died after the body ran; the message runs again.
+    wait_until(lambda: rig.ledger.finished()["x0001"] == 2, 10, message=rig.describe)
+    assert not rig.dead_letters.keys(), "a crashed pool process's message was dead-lettered"
+    assert not rig.lost() and set(rig.ledger.duplicates()) == {"x0001"}
+
+
+@pytest.mark.timeout(60)
+def test_a_poison_message_is_dead_lettered_with_its_reason_and_the_rest_run(rig: Rig) -> None:
+    rig.create()
+    rig.start("supervise", "--workers", "2")
+    rig.send(["poison"], task=POISON)
+    rig.send(keys("ok", 30))
+    rig.wait_settled(20)
+
+    letters = wait_until(lambda: rig.dead_letters.poll(), 10)
+    assert set(letters) == {"poison"}
+    attributes = letters["poison"].attributes
+    assert attributes["ebsqs-reason"] == "retries exhausted"
+    assert attributes["ebsqs-error-type"] == f"{ledger_tasks.__name__}.Poison"
+    assert attributes["ebsqs-attempts"] == "3"
+    assert "poison message poison" in attributes["ebsqs-error"]
+    poison_runs = [e.attempt for e in rig.ledger.entries("start") if e.key == "poison"]
+    assert poison_runs == [1, 2, 3]  # max_retries=2: three runs, then the dead-letter queue
+    assert rig.ledger.finished() == {key: 1 for key in rig.sent if key != "poison"}
