@@ -17,8 +17,6 @@ acks, retries or dead-letters.
 
 from __future__ import annotations
 
-import contextvars
-import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -27,6 +25,7 @@ import structlog
 from ebsqs.executors.base import Capabilities
 from ebsqs.executors.execution import Outcome, OutcomeKind
 from ebsqs.worker.held import Held, HeldMessages
+from ebsqs.worker.pulse import Periodic
 from ebsqs.worker.settle import Settler
 
 log = structlog.get_logger(__name__)
@@ -35,8 +34,11 @@ log = structlog.get_logger(__name__)
 KEEPER_INTERVAL = 1.0
 
 
-class Keeper:
+class Keeper(Periodic):
     """The keeper thread of one worker. Build it in the worker's process; :meth:`start` it."""
+
+    thread_name = "ebsqs-keeper"
+    event = "keeper"
 
     def __init__(
         self,
@@ -62,36 +64,9 @@ class Keeper:
         self.visibility_timeout = visibility_timeout
         self.settle = settle
         self.on_overrun = on_overrun
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__()
 
-    def start(self) -> None:
-        """Start the thread, in a copy of the caller's context: its log lines carry the same
-        bound values (role, queue, slot, pid) as the loop's."""
-        context = contextvars.copy_context()
-        self._thread = threading.Thread(
-            target=context.run, args=(self._run,), name="ebsqs-keeper", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Ask the thread to end after its current pass."""
-        self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._wait()):
-            try:
-                self.pass_once()
-            except Exception as exc:  # noqa: BLE001 - the keeper must outlive one bad pass
-                log.error("keeper_failed", error=repr(exc))
-
-    def pass_once(self) -> None:
-        """One pass: overruns, waiting deletes, visibility."""
-        self.settle_overruns()
-        self.settler.flush_acks(older_than=self.settler.ack_wait)
-        self.extend_visibility()
-
-    def _wait(self) -> float:
+    def wait(self) -> float:
         """Until the next pass: a second, or sooner when a running task's hard limit falls or
         a waiting delete is due."""
         wait = KEEPER_INTERVAL
@@ -102,6 +77,16 @@ class Keeper:
         if ack_due is not None:
             wait = min(wait, ack_due + 0.01)
         return wait
+
+    def tick(self) -> None:
+        """One pass (see :meth:`pass_once`)."""
+        self.pass_once()
+
+    def pass_once(self) -> None:
+        """One pass: overruns, waiting deletes, visibility."""
+        self.settle_overruns()
+        self.settler.flush_acks(older_than=self.settler.ack_wait)
+        self.extend_visibility()
 
     def settle_overruns(self) -> None:
         """Settle, as timed out, tasks past a hard limit their executor cannot enforce.

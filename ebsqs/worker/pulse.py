@@ -68,33 +68,59 @@ class Pulse:
         return max(time.monotonic() - self._at, 0.0)
 
 
-class Heartbeat:
-    """A thread that calls ``send`` every :data:`HEARTBEAT_INTERVAL` seconds until stopped.
+class Periodic:
+    """A daemon thread beside the loop that calls :meth:`tick` until stopped, waiting
+    :meth:`wait` seconds before each call; a failing tick is logged and the next one runs."""
 
-    ``send`` must not touch the network (it builds the worker's status and writes it to a pipe).
-    """
+    #: The thread's name, and the prefix of its failure event (``<event>_failed``).
+    thread_name = "ebsqs-periodic"
+    event = "periodic"
 
-    def __init__(self, send: Callable[[], None]) -> None:
-        self.send = send
+    def __init__(self) -> None:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        """Start the thread, in a copy of the caller's context (its log lines carry the same
-        bound values as the loop's)."""
+        """Start the thread, in a copy of the caller's context: its log lines carry the same
+        bound values (role, queue, slot, pid) as the loop's."""
         context = contextvars.copy_context()
         self._thread = threading.Thread(
-            target=context.run, args=(self._run,), name="ebsqs-heartbeat", daemon=True
+            target=context.run, args=(self._run,), name=self.thread_name, daemon=True
         )
         self._thread.start()
 
     def stop(self) -> None:
-        """Ask the thread to end after its current beat."""
+        """Ask the thread to end after its current tick."""
         self._stop.set()
 
+    def wait(self) -> float:
+        """Seconds until the next tick."""
+        return HEARTBEAT_INTERVAL
+
+    def tick(self) -> None:
+        """One round of the thread's work."""
+
     def _run(self) -> None:
-        while not self._stop.wait(HEARTBEAT_INTERVAL):
+        while not self._stop.wait(self.wait()):
             try:
-                self.send()
-            except Exception as exc:  # noqa: BLE001 - one failed beat must not end the beats
-                log.error("heartbeat_failed", error=repr(exc))
+                self.tick()
+            except Exception as exc:  # noqa: BLE001 - one bad round must not end the thread
+                log.error(f"{self.event}_failed", error=repr(exc))
+
+
+class Heartbeat(Periodic):
+    """Calls ``send`` every :data:`HEARTBEAT_INTERVAL` seconds until stopped.
+
+    ``send`` must not touch the network (it builds the worker's status and writes it to a pipe).
+    """
+
+    thread_name = "ebsqs-heartbeat"
+    event = "heartbeat"
+
+    def __init__(self, send: Callable[[], None]) -> None:
+        super().__init__()
+        self.send = send
+
+    def tick(self) -> None:
+        """Send one beat."""
+        self.send()

@@ -54,6 +54,21 @@ def make_worker(broker: MemoryBroker, reg: TaskRegistry, **options: object) -> W
     return worker
 
 
+def started_worker(
+    broker: MemoryBroker, reg: TaskRegistry, executor: object, **options: object
+) -> Worker:
+    """A started worker on queue ``q`` with ``executor`` (no auto-created queues, no backoff)."""
+    worker = Worker(
+        broker,
+        Settings(broker_url="memory://unused"),
+        executor,  # type: ignore[arg-type]
+        WorkerOptions(queues=("q",), **{"wait_seconds": 0, **options}),  # type: ignore[arg-type]
+        registry=reg,
+    )
+    worker.start()
+    return worker
+
+
 def put(broker: MemoryBroker, *bodies: str) -> None:
     broker.ensure_queue(
         "q",
@@ -340,14 +355,9 @@ def test_the_loop_blocks_instead_of_spinning_while_every_slot_is_busy(
     release = threading.Event()
     task(name="slow", registry=reg)(lambda: release.wait(10))
     put(broker, *(body("slow") for _ in range(5)))
-    worker = Worker(
-        broker,
-        Settings(broker_url="memory://unused"),
-        ThreadExecutor(concurrency=1, registry=reg),
-        WorkerOptions(queues=("q",), wait_seconds=1),
-        registry=reg,
+    worker = started_worker(
+        broker, reg, ThreadExecutor(concurrency=1, registry=reg), wait_seconds=1
     )
-    worker.start()
     try:
         worker.loop_once()  # receives five, starts one: four wait for the only slot
         assert worker.executor.running() == 1 and len(worker._pending) == 4
@@ -497,14 +507,7 @@ def test_a_pool_process_that_dies_under_a_task_gets_its_message_redelivered(
 
     task(name="dies_once", registry=reg)(dies_once)
     put(broker, body("dies_once", max_retries=0))
-    worker = Worker(
-        broker,
-        Settings(broker_url="memory://unused"),
-        ProcessExecutor(concurrency=1, registry=reg),
-        WorkerOptions(queues=("q",), wait_seconds=0),
-        registry=reg,
-    )
-    worker.start()
+    worker = started_worker(broker, reg, ProcessExecutor(concurrency=1, registry=reg))
     try:
         deadline = time.monotonic() + 20
         stats = worker.counters.task("dies_once")
@@ -530,14 +533,9 @@ def test_a_wall_clock_step_neither_overruns_a_task_nor_stops_its_extensions(
     release = threading.Event()
     task(name="steady", registry=reg, time_limit=60)(lambda: release.wait(10))
     put(broker, body("steady"))
-    worker = Worker(
-        broker,
-        Settings(broker_url="memory://unused"),
-        ThreadExecutor(concurrency=1, registry=reg),
-        WorkerOptions(queues=("q",), wait_seconds=0, visibility_timeout=30),
-        registry=reg,
+    worker = started_worker(
+        broker, reg, ThreadExecutor(concurrency=1, registry=reg), visibility_timeout=30
     )
-    worker.start()
     try:
         worker.loop_once()
         [held] = worker._held.all()
@@ -603,14 +601,9 @@ def test_a_receipt_the_broker_calls_dead_is_not_extended_again(reg: TaskRegistry
     put(broker, body("slow"))
     from ebsqs.executors.thread import ThreadExecutor
 
-    worker = Worker(
-        broker,
-        Settings(broker_url="memory://unused"),
-        ThreadExecutor(concurrency=1, registry=reg),
-        WorkerOptions(queues=("q",), wait_seconds=0, visibility_timeout=30),
-        registry=reg,
+    worker = started_worker(
+        broker, reg, ThreadExecutor(concurrency=1, registry=reg), visibility_timeout=30
     )
-    worker.start()
     try:
         worker.loop_once()
         [held] = worker._held.all()
