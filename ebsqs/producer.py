@@ -119,7 +119,12 @@ def broker_for(url: str) -> Broker:
 
 
 def send(
-    task: Sendable, calls: Sequence[Call], options: SendOptions, *, on_commit: bool = False
+    task: Sendable,
+    calls: Sequence[Call],
+    options: SendOptions,
+    *,
+    on_commit: bool = False,
+    settings: Settings | None = None,
 ) -> list[str]:
     """Send calls of a task (now, or once a middleware's transaction commits); their task ids.
 
@@ -129,21 +134,37 @@ def send(
         options: how to send them.
         on_commit: ``.delay_on_commit()``: send once the open transaction commits, where a
             middleware knows transactions (Django's); else at once.
+        settings: the settings to send with (``ebsqs send --broker ...``); read from every
+            source when the send happens if None.
     """
     later = middleware.send_later(on_commit=on_commit)
     if later is None:
-        return send_now(task, calls, options)
+        return send_now(task, calls, options, settings=settings)
     # Fix the task ids and check the arguments now; the messages are sent later.
     calls = [replace(call, task_id=call.task_id or new_id()) for call in calls]
     for call in calls:
         encode(new_envelope(task, call, 0, 0.0))  # raises SerializationError, naming the argument
-    later(functools.partial(send_now, task, calls, options))
+    later(functools.partial(send_now, task, calls, options, settings=settings))
     return [call.task_id for call in calls if call.task_id]
 
 
-def send_now(task: Sendable, calls: Sequence[Call], options: SendOptions) -> list[str]:
-    """Encode and send calls of a task at once; return their task ids."""
-    settings = load_settings()
+def send_now(
+    task: Sendable,
+    calls: Sequence[Call],
+    options: SendOptions,
+    *,
+    settings: Settings | None = None,
+) -> list[str]:
+    """Encode and send calls of a task at once; return their task ids.
+
+    Args:
+        task: what is called.
+        calls: its invocations.
+        options: how to send them.
+        settings: the settings to send with; read from every source now if None.
+    """
+    if settings is None:
+        settings = load_settings()
     now = time.time()
     max_retries = _first(options.max_retries, task.max_retries, settings.default_max_retries)
     due = due_time(options, _first(task.default_delay, settings.default_delay), now)

@@ -8,11 +8,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from ebsqs import MaxRetriesReachedException, SerializationError, task
+from ebsqs import MaxRetriesReachedException, SerializationError, producer, task
 from ebsqs.brokers.memory import MemoryBroker
+from ebsqs.config import load_settings
 from ebsqs.eager import EagerTaskFailed
 from ebsqs.envelope import decode
 from ebsqs.errors import ConfigurationError, MessageTooLargeError
+from ebsqs.producer import SendOptions
 from ebsqs.registry import TaskRegistry, registry
 from ebsqs.task import Task
 
@@ -188,3 +190,20 @@ def test_two_functions_cannot_share_a_name() -> None:
 
         @task(name="dup", registry=own)
         def other() -> None: ...
+
+
+def test_send_uses_the_settings_it_is_given(
+    broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    @task(queue_name="q")
+    def job(x: int) -> None: ...
+
+    # The environment names memory://tasks; the explicit settings must win (`ebsqs send --broker`).
+    elsewhere = MemoryBroker.named("elsewhere")
+    settings = load_settings(broker_url="memory://elsewhere", queue_prefix="p-")
+    [task_id] = producer.send(job, [job.call(3)], SendOptions(), settings=settings)
+    [message] = elsewhere.receive("p-q", 10, 0)
+    assert decode(message.body).id == task_id
+    assert "q" not in broker._queues or broker.stats("q").visible == 0
+    [again] = producer.send_now(job, [job.call(4)], SendOptions(), settings=settings)
+    assert decode(elsewhere.receive("p-q", 10, 0)[0].body).id == again
