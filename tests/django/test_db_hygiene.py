@@ -3,6 +3,8 @@
 - A task after one that closed or broke its connection still succeeds, in every executor.
 - ``CONN_MAX_AGE`` is respected: persistent connections are reused, others are not.
 - The forking process holds no connection at the fork (the ``before_fork`` hook).
+- A task whose database connection dropped under it is retried, not dead-lettered (unless
+  ``EBSQS["retry_database_errors"]`` is False); other failures keep their classification.
 - Fork safety on PostgreSQL: a forked child's first query uses its own session, and the
   parent's connection, the very same object, still works after the child exits, even when the
   child closed every connection it had.
@@ -10,19 +12,58 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from django.db import connections
 from django.test import override_settings
 
-from ebsqs import middleware
+from ebsqs import current, middleware, task
 from ebsqs.contrib.django.db import DB_HYGIENE
+from ebsqs.envelope import Envelope
+from ebsqs.executors.execution import Job, Outcome, OutcomeKind, run_job
+from ebsqs.registry import registry
 from tests.django.helpers import run_worker
 
 pytestmark = pytest.mark.timeout(30)
+
+#: Pending in files of others (see the module's tests that are marked with it).
+NEEDS_SETTING = (
+    'ebsqs/contrib/django/conf.py must declare the key: DJANGO_ONLY["retry_database_errors"] = True'
+)
+NEEDS_SEAM = (
+    "the worker loop must settle the outcome middleware.classify() returns "
+    "(ebsqs/middleware.py, ebsqs/worker/loop.py), and " + NEEDS_SETTING
+)
+
+
+@task(queue_name="a", max_retries=1)
+def drops_connection_once(alias: str) -> None:
+    """Have PostgreSQL end this task's session on the first attempt; write a row on the next."""
+    from shop.tasks import write_row
+
+    attempt = current().attempt
+    if attempt == 1:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    write_row(f"attempt {attempt}", alias)
+
+
+@task(queue_name="a")
+def bad_query(alias: str) -> None:
+    """Fail with a database error that no retry fixes."""
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT * FROM no_such_table")
+
+
+def outcome_of(fn: Any, *args: Any) -> tuple[Job, Outcome]:
+    """Run one attempt of a task here, as an executor would, and return its job and outcome."""
+    job = Job("message-1", Envelope(task=fn.name, args=args, max_retries=1), "a")
+    return job, run_job(job, registry)
 
 
 @pytest.fixture(autouse=True)
@@ -83,6 +124,61 @@ def test_task_after_postgres_ended_the_session_succeeds(
 
     assert [name for name, _, _ in rows(pg_alias)] == ["after kill"]
     assert (worker.counters.total("succeeded"), worker.counters.total("failed")) == (1, 1)
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(strict=True, reason=NEEDS_SETTING)
+def test_a_failure_on_a_dropped_connection_is_classified_retryable(pg_alias: str) -> None:
+    job, outcome = outcome_of(drops_connection_once, pg_alias)
+    assert (outcome.kind, outcome.retryable) == (OutcomeKind.FAILED, False)
+    assert outcome.error_type == "django.db.utils.OperationalError"
+
+    classified = DB_HYGIENE.classify(job, outcome)
+
+    assert classified.retryable
+    assert dataclasses.replace(classified, retryable=False) == outcome  # nothing else changed
+    assert rows(pg_alias) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(strict=True, reason=NEEDS_SETTING)
+def test_retry_database_errors_false_keeps_the_failure_as_it_was(pg_alias: str) -> None:
+    job, outcome = outcome_of(drops_connection_once, pg_alias)
+
+    with override_settings(
+        EBSQS={"broker_url": "memory://hygiene", "retry_database_errors": False}
+    ):
+        classified = DB_HYGIENE.classify(job, outcome)
+
+    assert classified is outcome
+
+
+@pytest.mark.postgres
+def test_other_database_failures_and_successes_are_left_alone(pg_alias: str) -> None:
+    from shop.tasks import record
+
+    failed_job, failed = outcome_of(bad_query, pg_alias)
+    ok_job, succeeded = outcome_of(record, "fine", pg_alias)
+
+    assert failed.error_type == "django.db.utils.ProgrammingError"
+    assert DB_HYGIENE.classify(failed_job, failed) is failed
+    assert succeeded.kind is OutcomeKind.SUCCEEDED
+    assert DB_HYGIENE.classify(ok_job, succeeded) is succeeded
+
+
+@pytest.mark.postgres
+@pytest.mark.xfail(strict=True, reason=NEEDS_SEAM)
+@pytest.mark.parametrize("executor", ["inline", "thread", "process"])
+def test_a_task_whose_connection_dropped_is_retried_not_dead_lettered(
+    pg_alias: str, executor: str
+) -> None:
+    drops_connection_once.delay(pg_alias)
+
+    worker = run_worker(["a"], executor=executor)
+
+    assert [name for name, _, _ in rows(pg_alias)] == ["attempt 2"]
+    counters = worker.counters
+    assert [counters.total(n) for n in ("retried", "succeeded", "failed")] == [1, 1, 0]
 
 
 @pytest.mark.postgres

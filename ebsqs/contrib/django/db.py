@@ -5,6 +5,11 @@ forks, as a middleware (:class:`DatabaseHygiene`, registered by the app's ``read
   and after, so a connection the previous task broke, or one past ``CONN_MAX_AGE``, is replaced
   instead of failing the next task. As for web requests, a persistent connection
   (``CONN_MAX_AGE`` > 0) that died silently is only noticed with ``CONN_HEALTH_CHECKS = True``.
+- After a task failed because its database connection dropped (the server restarted or failed
+  over, the network broke, the session was ended), the failure is marked retryable: the message
+  is retried (within the task's ``max_retries``, after its backoff, on a fresh connection)
+  instead of dead-lettered. See :meth:`DatabaseHygiene.classify`; ``EBSQS =
+  {"retry_database_errors": False}`` turns it off.
 - In a process about to fork (the supervisor's master, the process executor): every connection
   and cache connection is closed first, so no child starts with a socket it shares.
 - In every forked child: connections it inherited anyway (opened by a thread of the parent, or
@@ -16,18 +21,27 @@ forks, as a middleware (:class:`DatabaseHygiene`, registered by the app's ``read
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from ebsqs.contrib.django.conf import django_option
+from ebsqs.executors.execution import OutcomeKind
 from ebsqs.middleware import Middleware
 
 if TYPE_CHECKING:
     from ebsqs.executors.execution import Job, Outcome
 
 log = structlog.get_logger(__name__)
+
+#: What Django raises when the connection under a task fails: the server went away or ended the
+#: session (OperationalError), or the task used the connection after that (InterfaceError:
+#: "connection already closed"). A new attempt on a new connection can succeed. The names are
+#: the qualified type names outcomes carry (they travel from a process executor's children).
+DATABASE_ERRORS = frozenset({"django.db.utils.OperationalError", "django.db.utils.InterfaceError"})
 
 #: Inherited connections a child could not detach from their socket (no ``fileno()``, such as
 #: SQLite's): kept referenced so that garbage collection never runs their close in the child.
@@ -46,8 +60,28 @@ class DatabaseHygiene(Middleware):
         close_old_connections()
 
     def task_finished(self, job: Job, outcome: Outcome) -> None:
-        """In the task's thread or process, just after it ran, whatever happened."""
+        """In the task's thread or process, just after it ran, whatever happened.
+
+        A connection that failed under the task is closed here (Django finds it unusable), so
+        a retry of the task gets a new one.
+        """
         close_old_connections()
+
+    def classify(self, job: Job, outcome: Outcome) -> Outcome:
+        """In the loop's thread, before the outcome is settled: a failure on a dropped database
+        connection is retryable, unless ``EBSQS["retry_database_errors"]`` is False.
+
+        Only the description changes; the worker then retries or dead-letters by its own rules
+        (a task with no retries left is dead-lettered, with "retries exhausted").
+        """
+        if (
+            outcome.kind is not OutcomeKind.FAILED
+            or outcome.retryable
+            or outcome.error_type not in DATABASE_ERRORS
+            or not django_option("retry_database_errors")
+        ):
+            return outcome
+        return dataclasses.replace(outcome, retryable=True)
 
 
 #: The one instance, so registering it twice (``ready()`` run again by a test) adds nothing.
