@@ -7,7 +7,7 @@ TOOLS  := .tools
 FAUXQS := $(TOOLS)/node_modules/fauxqs/package.json
 STAMP  := $(VENV)/.installed
 
-.PHONY: install tools run test lint typecheck bench fmt clean
+.PHONY: install tools run test lint typecheck bench soak fmt clean
 
 install: $(STAMP)
 
@@ -43,6 +43,11 @@ typecheck: install
 
 bench: install tools
 	$(PY) -m benchmarks
+
+# Random SIGKILLs of children and masters while a producer sends; not part of `make test`.
+# Flags through SOAK, e.g. make soak SOAK="--messages 2000 --duration 60".
+soak: install tools
+	$(PY) -m tests.faults.soak $(SOAK)
 
 fmt: install
 	$(VENV)/bin/ruff format ebsqs tests benchmarks examples
