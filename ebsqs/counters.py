@@ -178,6 +178,7 @@ class Counters:
         throttled: broker calls refused for throttling (``RequestThrottled``, ``OverLimit``...).
         kms_errors: broker calls that failed on the queue's KMS key.
         ack_errors: deletes that failed.
+        log_dropped: log lines the process could not write (a full disk, a closed pipe).
         tasks: per task name, outcomes and durations.
     """
 
@@ -189,6 +190,9 @@ class Counters:
     throttled: int = counter("Broker calls refused for throttling or over a limit.")
     kms_errors: int = counter("Broker calls that failed on the queue's KMS key.")
     ack_errors: int = counter("Deletes that failed (the message will be delivered again).")
+    log_dropped: int = counter(
+        "Log lines dropped because the log output failed.", "ebsqs_log_lines_dropped_total"
+    )
     tasks: dict[str, TaskStats] = field(default_factory=dict)
 
     def task(self, name: str) -> TaskStats:

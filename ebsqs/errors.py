@@ -37,8 +37,10 @@ class AppImportError(ConfigurationError):
 
 
 def exit_code_for(exc: EbsqsError) -> ExitCode:
-    """The exit code of a command that failed with ``exc``: a broken app is a boot failure."""
-    return ExitCode.BOOT if isinstance(exc, AppImportError) else ExitCode.ERROR
+    """The exit code of a command that failed with ``exc``: a broken app, refused credentials
+    or a damaged broker file are boot failures (a restart cannot fix them)."""
+    boot = (AppImportError, BrokerAccessDenied, BrokerDamaged)
+    return ExitCode.BOOT if isinstance(exc, boot) else ExitCode.ERROR
 
 
 class EnvelopeError(EbsqsError):

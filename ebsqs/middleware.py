@@ -13,8 +13,11 @@ Around one message, in order:
    The first middleware that does not say RUN decides.
 2. :meth:`Middleware.task_started` and :meth:`Middleware.task_finished`, in the thread or process
    that runs the task (a pool thread, a process executor's child).
-3. :meth:`Middleware.after_outcome`, back in the loop's thread, before the worker acks, retries
-   or dead-letters the message.
+3. :meth:`Middleware.classify`, back in the loop's thread: a middleware may describe the outcome
+   better (a failure a retry can fix is ``retryable``); it describes, the worker alone acks,
+   retries or dead-letters.
+4. :meth:`Middleware.after_outcome`, in the loop's thread, before the worker acks, retries or
+   dead-letters the message.
 
 Flow control (rate and concurrency limits, unique tasks) is built as middleware on this seam.
 """
@@ -104,6 +107,14 @@ class Middleware:
     def task_finished(self, job: Job, outcome: Outcome) -> None:
         """In the thread or process that ran the task, just after, whatever happened."""
 
+    def classify(self, job: Job, outcome: Outcome) -> Outcome:
+        """In the loop's thread, once ``job`` has an outcome: the outcome to settle.
+
+        Return ``outcome`` itself, or a copy (``dataclasses.replace``) with the same key that
+        describes it better, such as ``retryable=True`` for a failure a retry can fix.
+        """
+        return outcome
+
     def after_outcome(self, job: Job, outcome: Outcome) -> None:
         """In the loop's thread, once ``job`` has an outcome and before it is settled."""
 
@@ -150,6 +161,13 @@ def task_finished(job: Job, outcome: Outcome) -> None:
     outermost middleware wraps the others, as around a request)."""
     for item in reversed(MIDDLEWARE):
         item.task_finished(job, outcome)
+
+
+def classify(job: Job, outcome: Outcome) -> Outcome:
+    """The outcome after every middleware's :meth:`Middleware.classify`, in order."""
+    for item in MIDDLEWARE:
+        outcome = item.classify(job, outcome)
+    return outcome
 
 
 def after_outcome(job: Job, outcome: Outcome) -> None:

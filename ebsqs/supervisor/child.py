@@ -217,6 +217,7 @@ class Child:
         every task's stats even when they take several beats."""
         assert self._process is not None
         rss = self._process.memory_info().rss
+        status.counters.log_dropped = log.dropped_lines()
         beats = Beat.parts(os.getpid(), status, rss, -1 if final else None)
         sent = all([self._send(beat) for beat in beats])
         if os.getppid() != self.spec.master_pid or not sent:

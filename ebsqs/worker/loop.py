@@ -14,6 +14,7 @@ sent, or its dead-letter copy was sent. Messages fetched but not started are rel
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -398,6 +399,7 @@ class Worker:
         for outcome in outcomes:
             held = self._held.pop(outcome.key)
             if held is not None and held.job is not None:
+                outcome = middleware.classify(held.job, outcome)
                 middleware.after_outcome(held.job, outcome)
                 finished.append((held, outcome))
         self._settler.settle(finished)
@@ -420,7 +422,8 @@ class Worker:
         self._pending.clear()
         self._settler.flush_acks()
         log.critical("worker_exited_after_overrun", exit_code=int(ExitCode.OVERRUN))
-        sys.stderr.flush()
+        with contextlib.suppress(OSError, ValueError):  # a full disk must not block the exit
+            sys.stderr.flush()
         os._exit(ExitCode.OVERRUN)
 
     def status(self) -> WorkerStatus:

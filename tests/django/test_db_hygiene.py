@@ -31,15 +31,6 @@ from tests.django.helpers import run_worker
 
 pytestmark = pytest.mark.timeout(30)
 
-#: Pending in files of others (see the module's tests that are marked with it).
-NEEDS_SETTING = (
-    'ebsqs/contrib/django/conf.py must declare the key: DJANGO_ONLY["retry_database_errors"] = True'
-)
-NEEDS_SEAM = (
-    "the worker loop must settle the outcome middleware.classify() returns "
-    "(ebsqs/middleware.py, ebsqs/worker/loop.py), and " + NEEDS_SETTING
-)
-
 
 @task(queue_name="a", max_retries=1)
 def drops_connection_once(alias: str) -> None:
@@ -127,7 +118,6 @@ def test_task_after_postgres_ended_the_session_succeeds(
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=NEEDS_SETTING)
 def test_a_failure_on_a_dropped_connection_is_classified_retryable(pg_alias: str) -> None:
     job, outcome = outcome_of(drops_connection_once, pg_alias)
     assert (outcome.kind, outcome.retryable) == (OutcomeKind.FAILED, False)
@@ -141,7 +131,6 @@ def test_a_failure_on_a_dropped_connection_is_classified_retryable(pg_alias: str
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=NEEDS_SETTING)
 def test_retry_database_errors_false_keeps_the_failure_as_it_was(pg_alias: str) -> None:
     job, outcome = outcome_of(drops_connection_once, pg_alias)
 
@@ -167,7 +156,6 @@ def test_other_database_failures_and_successes_are_left_alone(pg_alias: str) -> 
 
 
 @pytest.mark.postgres
-@pytest.mark.xfail(strict=True, reason=NEEDS_SEAM)
 @pytest.mark.parametrize("executor", ["inline", "thread", "process"])
 def test_a_task_whose_connection_dropped_is_retried_not_dead_lettered(
     pg_alias: str, executor: str

@@ -25,7 +25,9 @@ from ebsqs.errors import ConfigurationError
 
 #: Keys of ``settings.EBSQS`` that only the Django integration reads, with their defaults.
 #: ``send_on_commit``: ``.delay()`` inside ``transaction.atomic()`` sends when it commits.
-DJANGO_ONLY: dict[str, Any] = {"send_on_commit": False}
+#: ``retry_database_errors``: a task that failed because its database connection dropped is
+#: retried (within its ``max_retries``) instead of dead-lettered.
+DJANGO_ONLY: dict[str, Any] = {"send_on_commit": False, "retry_database_errors": True}
 
 #: django-eb-sqs's region setting: it always talked to SQS, in this region (us-east-1 by default).
 LEGACY_REGION = "EB_AWS_REGION"
