@@ -22,6 +22,7 @@ import psutil
 from ebsqs.brokers import OutgoingMessage, QueueSettings, ReceivedMessage
 from ebsqs.brokers.sqs import SQSBroker
 from ebsqs.envelope import Envelope, decode, encode
+from ebsqs.errors import EnvelopeError
 from ebsqs.task import Task
 from tests import servers
 from tests.faults.ledger import Ledger
@@ -34,6 +35,7 @@ APP = "tests.fixtures.ledger_tasks"
 NOOP = ledger_tasks.noop
 SLEEP = ledger_tasks.sleep
 POISON = ledger_tasks.poison
+HOG = ledger_tasks.hog
 
 
 class EbsqsProcess(WorkerProcess):
@@ -106,14 +108,22 @@ class DeadLetters:
     letters: dict[str, ReceivedMessage] = field(default_factory=dict)
 
     def poll(self) -> dict[str, ReceivedMessage]:
-        """Receive what arrived since the last poll; return every letter, by key."""
+        """Receive what arrived since the last poll; return every letter, by message id."""
         while batch := self.broker.receive(self.queue, 10, wait_seconds=0, visibility_timeout=600):
             for message in batch:
                 self.letters[message.message_id] = message
-        return {key_of(message): message for message in self.letters.values()}
+        return dict(self.letters)
+
+    def by_key(self) -> dict[str, ReceivedMessage]:
+        """Every letter whose body names a ledger key, by key (hostile bodies name none)."""
+        found = {}
+        for message in self.poll().values():
+            with contextlib.suppress(EnvelopeError, IndexError):
+                found[key_of(message)] = message
+        return found
 
     def keys(self) -> set[str]:
-        return set(self.poll())
+        return set(self.by_key())
 
 
 def key_of(message: ReceivedMessage) -> str:

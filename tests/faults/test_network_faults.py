@@ -5,10 +5,15 @@ dead-letter queue only (see ``tests/faults/ledger.py``).
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
+from ebsqs.ops.status import StatusError, check_health, read_status
 from tests.faults.harness import SLEEP, Rig
 from tests.faults.proxy import INTERNAL_ERROR, KMS_THROTTLED, OVER_LIMIT, THROTTLED, SqsError
+from tests.integration.processes import run_ebsqs
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.fauxqs
@@ -109,3 +114,53 @@ def test_lost_acks_repeat_work_and_lose_nothing(rig: Rig, forward: bool) -> None
         assert set(rig.ledger.duplicates()) == set(rig.sent)
     assert not rig.lost() and not rig.dead_letters.keys()
     assert worker.process.poll() is None, rig.describe()
+
+
+ACCESS_DENIED = SqsError("AccessDenied", "AccessDenied", 403)
+
+
+@pytest.mark.timeout(60)
+def test_access_denied_at_boot_stops_the_master(rig: Rig) -> None:
+    """Issue item 16.7: refused credentials are a boot error (exit 3), not a restart loop."""
+    rig.create()
+    rig.proxy.inject(None, ACCESS_DENIED)
+    sup = rig.start("supervise", "--workers", "2")
+    assert sup.wait(30) == 3, rig.describe()
+    assert rig.proxy.faulted, "the supervisor never asked SQS anything"
+    assert "AccessDenied" in sup.output()
+    assert len(sup.events("child_spawned")) <= 2 * 2, "children were restarted in a loop"
+
+
+def healthy(status_file: Path) -> bool:
+    """The master's status file judged as ``ebsqs healthcheck`` judges it (in-process: fast)."""
+    try:
+        return check_health(read_status(status_file)).ok
+    except StatusError:
+        return False  # not written yet
+
+
+def healthcheck(rig: Rig, status_file: Path) -> subprocess.CompletedProcess[str]:
+    return run_ebsqs("healthcheck", "--status-file", str(status_file), env=rig.env())
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_whose_receives_all_fail_is_reported_unhealthy(rig: Rig) -> None:
+    """Issue item 16.8: while every receive fails, status says so and healthcheck fails; once
+    they succeed again it is healthy."""
+    rig.create()
+    status_file = rig.tmp_path / "status.json"
+    sup = rig.start("supervise", "--workers", "1", "--status-file", str(status_file))
+    wait_until(lambda: healthy(status_file), 20, message=rig.describe)
+    assert healthcheck(rig, status_file).returncode == 0
+
+    rig.proxy.inject("ReceiveMessage", OVER_LIMIT)
+    wait_until(lambda: not healthy(status_file), 20, message=sup.describe)
+    checked = healthcheck(rig, status_file)
+    status = run_ebsqs("status", "--status-file", str(status_file), env=rig.env())
+    rig.proxy.clear()  # before the receive backoff grows long
+    assert checked.returncode != 0, checked.stdout
+    assert "degraded" in status.stdout, status.stdout
+
+    wait_until(lambda: healthy(status_file), 20, message=sup.describe)
+    rig.send(keys("h", 5))
+    rig.wait_settled(15)

@@ -9,10 +9,11 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import POISON, SLEEP, Rig, key_of
+from tests.faults.harness import APP, HOG, POISON, SLEEP, EbsqsProcess, Rig, key_of
 from tests.fixtures import ledger_tasks
 from tests.waiting import wait_until
 
@@ -188,7 +189,7 @@ def test_a_poison_message_is_dead_lettered_with_its_reason_and_the_rest_run(rig:
     rig.send(keys("ok", 30))
     rig.wait_settled(20)
 
-    letters = wait_until(lambda: rig.dead_letters.poll(), 10)
+    letters = wait_until(lambda: rig.dead_letters.by_key(), 10)
     assert set(letters) == {"poison"}
     attributes = letters["poison"].attributes
     assert attributes["ebsqs-reason"] == "retries exhausted"
@@ -198,3 +199,84 @@ def test_a_poison_message_is_dead_lettered_with_its_reason_and_the_rest_run(rig:
     poison_runs = [e.attempt for e in rig.ledger.entries("start") if e.key == "poison"]
     assert poison_runs == [1, 2, 3]  # max_retries=2: three runs, then the dead-letter queue
     assert rig.ledger.finished() == {key: 1 for key in rig.sent if key != "poison"}
+
+
+@pytest.mark.timeout(60)
+def test_a_task_holding_the_gil_is_stopped_soon_and_nothing_behind_it_is_lost(rig: Rig) -> None:
+    """Issue item 10.1: killed a few seconds past its 2-second limit (not at the 30-second
+    heartbeat timeout), and the messages prefetched behind it run, none dead-lettered unrun."""
+    rig.create()
+    sup = rig.start("supervise", "--workers", "1", "--visibility-timeout", "3")
+    wait_until(lambda: len(sup.children()) == 1, 15, message=rig.describe)
+    rig.send(["hog"], task=HOG)
+    rig.send(keys("b", 9))
+    hog = wait_until(lambda: [e for e in rig.ledger.entries("start") if e.key == "hog"], 15)[0]
+    seen = time.monotonic()
+
+    wait_until(lambda: hog.pid not in sup.children(), 2 + 3 + 4, message=rig.describe)
+    assert time.monotonic() - seen < 2 + 3 + 4, "the hog was not stopped near its limit"
+    [killed] = [e for e in sup.events("child_killed") if e["pid"] == hog.pid][:1]
+    assert "past its hard limit" in killed["reason"] and killed["task"] == HOG.name
+    rig.wait_settled(20)
+    assert not rig.dead_letters.keys(), "a message was dead-lettered without running"
+    assert rig.ledger.finished()["hog"] == 1 and not rig.lost()
+
+
+@pytest.mark.timeout(60)
+def test_an_orphaned_child_drains_within_the_graceful_timeout(rig: Rig) -> None:
+    """Issue item 10.6: after the master's SIGKILL, a task with no time limit does not hold
+    its inline child past ``--graceful-timeout``; its message comes back."""
+    rig.create()
+    graceful = 2
+    sup = rig.start(
+        "supervise",
+        "--workers",
+        "1",
+        "--graceful-timeout",
+        str(graceful),
+        "--visibility-timeout",
+        "3",
+    )
+    wait_until(lambda: len(sup.children()) == 1, 15, message=rig.describe)
+    rig.send(["long"], task=SLEEP, seconds=40)
+    wait_until(lambda: rig.ledger.started(), 15, message=rig.describe)
+    [child] = sup.children()
+
+    sup.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: child not in sup.group(), graceful + 4, message=rig.describe)
+    assert time.monotonic() - killed < graceful + 4
+    [message] = wait_until(
+        lambda: rig.broker.receive(rig.queue, 1, wait_seconds=1, visibility_timeout=60), 10
+    )
+    assert key_of(message) == "long" and not rig.ledger.finished()
+
+
+@pytest.mark.timeout(60)
+def test_children_that_crash_at_every_boot_stop_the_master(rig: Rig) -> None:
+    """Issue item 10.8: not restarted forever; exit code 3 as for a boot failure."""
+    rig.create()
+    sup = rig.start("supervise", "--workers", "2", **{ledger_tasks.CRASH_ENV: "boot"})
+    assert sup.wait(30) == 3, rig.describe()
+    exits = sup.events("child_exited")
+    assert len(exits) >= 2 and all(e["signal"] == "SIGKILL" for e in exits)
+
+
+@pytest.mark.timeout(60)
+def test_tasks_run_while_every_log_write_fails(rig: Rig) -> None:
+    """Issue item 10.4: a full disk (``/dev/full``) on the log output stops no task."""
+    rig.create()
+    rig.send(keys("f", 20))
+    sup = EbsqsProcess(
+        "supervise",
+        ["--app", APP, "--queues", rig.queue, "--wait", "1", "--workers", "2"],
+        rig.env(),
+        Path("/dev/full"),
+    )
+    with sup:
+        wait_until(
+            lambda: not rig.lost(), 20, interval=0.1, message=lambda: rig.ledger.summary(rig.sent)
+        )
+        assert sup.process.poll() is None, "the supervisor died of its log output"
+        sup.signal(signal.SIGTERM)
+        assert sup.wait(15) == 0
