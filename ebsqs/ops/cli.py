@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from ebsqs.config import DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
+from ebsqs.config import DEFAULT_BROKER_URL, DEFAULT_GRACEFUL_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT
 from ebsqs.ops import status as status_doc
-from ebsqs.ops.systemd import UnitOptions, ebsqs_program, render_unit
+from ebsqs.ops.systemd import UnitOptions, ebsqs_program, render_unit, sqlite_directory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -114,6 +116,8 @@ def systemd_unit(
         args = args[1:]
     _check_supervise_args(args, template)
     _parse_as_supervise(args)
+    directory = os.path.abspath(working_directory or os.getcwd())
+    environment = EnvironmentFiles.read(environment_files)
     try:
         options = UnitOptions(
             program=ebsqs_program(),
@@ -123,13 +127,15 @@ def systemd_unit(
             watchdog_sec=watchdog_sec,
             user=user,
             group=group,
-            working_directory=os.path.abspath(working_directory or os.getcwd()),
+            working_directory=directory,
             environment_files=environment_files,
             template=template,
             description=description,
+            read_write_paths=_writable_paths(args, environment, directory),
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    _check_queues(args, template, environment)
     if not environment_files:
         _warn_about_environment()
     click.echo(render_unit(options), nl=False)
@@ -146,6 +152,103 @@ def _check_supervise_args(args: Sequence[str], template: bool) -> None:
             raise click.UsageError(
                 "--template takes the queues from the instance name: no --queues"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class EnvironmentFiles:
+    """What the unit's ``EnvironmentFile=`` files say, as far as they can be read here.
+
+    Read only to check the unit (are the queues named? is the broker SQLite, so its directory
+    must be writable?); the service reads them itself when it starts.
+
+    Attributes:
+        values: ``KEY=value`` assignments, later files winning.
+        unreadable: files that are missing here or cannot be read (so may say anything).
+    """
+
+    values: dict[str, str] = field(default_factory=dict)
+    unreadable: tuple[str, ...] = ()
+
+    @classmethod
+    def read(cls, entries: Iterable[str]) -> EnvironmentFiles:
+        """Read ``EnvironmentFile=`` entries (a leading ``-`` marks an optional file)."""
+        values: dict[str, str] = {}
+        unreadable = []
+        for entry in entries:
+            path = entry.removeprefix("-")
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                unreadable.append(path)
+                continue
+            values.update(_assignments(text))
+        return cls(values, tuple(unreadable))
+
+
+def _assignments(text: str) -> dict[str, str]:
+    """The ``KEY=value`` lines of an environment file (comments start with # or ;)."""
+    found = {}
+    for line in (raw.strip() for raw in text.splitlines()):
+        if line and not line.startswith(("#", ";")) and "=" in line:
+            key, _, value = line.partition("=")
+            value = value.strip()
+            if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+                value = value[1:-1]
+            found[key.strip()] = value
+    return found
+
+
+def _flag_value(args: Sequence[str], flag: str) -> str | None:
+    """The value given to ``flag`` in ``args`` (``--flag value`` or ``--flag=value``), last wins."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg == flag and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(f"{flag}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def _check_queues(args: Sequence[str], template: bool, environment: EnvironmentFiles) -> None:
+    """Refuse a unit that names no queues: ``supervise`` would exit at every start."""
+    if (
+        template
+        or _flag_value(args, "--queues") is not None
+        or "EBSQS_QUEUES" in environment.values
+    ):
+        return
+    unread = (
+        f" ({', '.join(environment.unreadable)} cannot be read here)"
+        if environment.unreadable
+        else ""
+    )
+    raise click.UsageError(
+        "the unit names no queues, so it could not start: add --queues emails,reports, set "
+        f"EBSQS_QUEUES in an --environment-file{unread}, or write a --template unit"
+    )
+
+
+def _writable_paths(
+    args: Sequence[str], environment: EnvironmentFiles, directory: str
+) -> tuple[str, ...]:
+    """The directories the service writes besides its RuntimeDirectory: the SQLite broker's
+    (the default broker is a SQLite file in the working directory) and the pidfile's."""
+    paths = []
+    broker = _flag_value(args, "--broker") or environment.values.get("EBSQS_BROKER_URL")
+    if broker is None and environment.unreadable:
+        click.echo(
+            f"note: cannot read {', '.join(environment.unreadable)} here: if it sets a sqlite:/// "
+            "EBSQS_BROKER_URL, pass --broker too, so the database's directory is writable "
+            "(ReadWritePaths=); the unit makes everything else read-only",
+            err=True,
+        )
+    else:
+        sqlite = sqlite_directory(broker or DEFAULT_BROKER_URL, directory)
+        paths += [sqlite] if sqlite else []
+    pidfile = _flag_value(args, "--pidfile") or environment.values.get("EBSQS_PIDFILE")
+    if pidfile:
+        paths.append(os.path.dirname(os.path.normpath(os.path.join(directory, pidfile))))
+    return tuple(dict.fromkeys(paths))
 
 
 def _parse_as_supervise(args: Sequence[str]) -> None:

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from ebsqs.errors import ExitCode
 from ebsqs.ops import systemd
 from ebsqs.ops.systemd import Notifier, UnitOptions, render_unit
+
+pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.fixture
@@ -169,7 +172,7 @@ def test_unit_has_the_notify_service_settings() -> None:
     assert "TimeoutStopSec=75" in lines
     assert "WatchdogSec=70" in lines
     assert "Restart=on-failure" in lines
-    assert "RestartPreventExitStatus=3" in lines
+    assert "RestartPreventExitStatus=2 3" in lines
     assert "RuntimeDirectory=ebsqs" in lines
     assert "User=ebsqs" in lines
     assert "Group=ebsqs" in lines
@@ -215,6 +218,7 @@ def test_watchdog_can_be_set_or_disabled() -> None:
         {"program": ("ebsqs",)},
         {"program": PROGRAM, "working_directory": "srv"},
         {"program": PROGRAM, "environment_files": ("-env",)},
+        {"program": PROGRAM, "read_write_paths": ("data",)},
     ],
 )
 def test_relative_paths_are_refused(options: dict[str, object]) -> None:
@@ -230,3 +234,68 @@ def test_program_is_this_environment_s_ebsqs(tmp_path: Path) -> None:
     script = python.with_name("ebsqs")
     script.touch(mode=0o755)
     assert systemd.ebsqs_program(str(python)) == (str(script),)
+
+
+def test_no_restart_after_usage_or_boot_errors_and_a_start_limit_for_the_rest() -> None:
+    lines = unit_lines()
+    [prevent] = [line for line in lines if line.startswith("RestartPreventExitStatus=")]
+    codes = {ExitCode(int(code)) for code in prevent.split("=", 1)[1].split()}
+    assert codes == {ExitCode.USAGE, ExitCode.BOOT}
+    # 1 is also an unexpected crash, which a restart may cure: bounded by the start limit.
+    assert ExitCode.ERROR not in codes
+    unit_section = lines[: lines.index("[Service]")]
+    assert f"StartLimitBurst={systemd.START_LIMIT_BURST}" in unit_section
+    assert f"StartLimitIntervalSec={systemd.START_LIMIT_INTERVAL}" in unit_section
+
+
+def test_unit_is_sandboxed() -> None:
+    lines = unit_lines(working_directory="/srv/myapp")
+    for setting in (
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+        "PrivateDevices=yes",
+        "ProtectHome=yes",
+        "UMask=0077",
+        "CapabilityBoundingSet=",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+        "SystemCallArchitectures=native",
+        "MemoryDenyWriteExecute=yes",
+    ):
+        assert setting in lines, setting
+    assert not [line for line in lines if line.startswith("ReadWritePaths=")]
+    # Every sandbox line sits in [Service], none twice.
+    service = lines[lines.index("[Service]") : lines.index("[Install]")]
+    assert all(line in service for line in systemd.SANDBOX)
+    assert len(set(systemd.SANDBOX)) == len(systemd.SANDBOX)
+
+
+def test_read_write_paths_are_optional_and_quoted() -> None:
+    lines = unit_lines(read_write_paths=("/var/lib/ebsqs", "/srv/my data"))
+    assert "ReadWritePaths=-/var/lib/ebsqs" in lines
+    assert 'ReadWritePaths="-/srv/my data"' in lines
+
+
+@pytest.mark.parametrize(
+    ("options", "protect_home"),
+    [
+        ({"working_directory": "/srv/app"}, "yes"),
+        ({"working_directory": "/home/deploy/app"}, "read-only"),
+        ({"program": ("/root/.venv/bin/ebsqs",)}, "read-only"),
+        ({"read_write_paths": ("/home/deploy/data",)}, "read-only"),
+        ({"working_directory": "/homework"}, "yes"),
+    ],
+)
+def test_home_directories_are_hidden_unless_the_unit_needs_one(
+    options: dict[str, object], protect_home: str
+) -> None:
+    text = render_unit(UnitOptions(**{"program": PROGRAM, **options}))  # type: ignore[arg-type]
+    assert f"ProtectHome={protect_home}" in text.splitlines()
+
+
+def test_sqlite_directory() -> None:
+    assert systemd.sqlite_directory("sqlite:////var/lib/q.db", "/srv") == "/var/lib"
+    assert systemd.sqlite_directory("sqlite:///data/q.db", "/srv/app") == "/srv/app/data"
+    assert systemd.sqlite_directory("sqlite:///ebsqs.sqlite3", "/srv/app") == "/srv/app"
+    assert systemd.sqlite_directory("sqs://eu-west-1", "/srv") is None
+    assert systemd.sqlite_directory("memory://", "/srv") is None
