@@ -25,7 +25,7 @@ import structlog
 
 from ebsqs.errors import ConfigurationError
 from ebsqs.ops.metrics import Metrics, MetricsServer
-from ebsqs.ops.status import StatusFile, document, stale_after, status_path
+from ebsqs.ops.status import DEGRADED, StatusFile, document, stale_after, status_path
 from ebsqs.ops.systemd import STOP_MARGIN, Notifier
 from ebsqs.supervisor.config import SupervisorConfig
 from ebsqs.supervisor.extension import Extension
@@ -172,7 +172,11 @@ def pool_health(snapshot: SupervisorSnapshot, heartbeat_timeout: float) -> str |
     """Why the pool is unhealthy, or None: a child being killed, or one silent for half the
     heartbeat timeout (heartbeats come every second: it missed many, and is hung in all
     likelihood; the master kills it at the full timeout). The watchdog pings stop from that
-    moment until the replacement is forked."""
+    moment until the replacement is forked.
+
+    A degraded child (its receives keep failing) does not count here: the broker is what
+    fails, and systemd restarting the service would not mend it, only add a restart storm to
+    an outage. It shows in ``STATUS=``, ``ebsqs status`` and ``ebsqs healthcheck`` instead."""
     limit = stale_after(heartbeat_timeout)
     for child in snapshot.children:
         if child.phase is Phase.KILLING:
@@ -183,13 +187,17 @@ def pool_health(snapshot: SupervisorSnapshot, heartbeat_timeout: float) -> str |
 
 
 def summary(snapshot: SupervisorSnapshot) -> str:
-    """One line for ``systemctl status``: children up per queue, busy ones, and totals."""
+    """One line for ``systemctl status``: children up per queue, busy (and degraded) ones, and
+    totals."""
     parts = []
     for queue, target in snapshot.targets.items():
         mine = [c for c in snapshot.children if c.queue == queue]
         up = sum(1 for c in mine if c.phase is Phase.RUNNING)
         busy = sum(1 for c in mine if c.state == "busy")
+        degraded = sum(1 for c in mine if c.state == DEGRADED)
         parts.append(f"{queue} {up}/{target} up, {busy} busy")
+        if degraded:
+            parts[-1] += f", {degraded} degraded"
     counts = snapshot.counts
     state = "" if snapshot.state is MasterState.RUNNING else f"{snapshot.state}: "
     return (

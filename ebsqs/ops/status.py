@@ -14,13 +14,15 @@ in the unit's ``RuntimeDirectory`` (``/run/ebsqs/status.json``). Readers look in
 Health, as :func:`check_health` judges it from a document: the master process is alive (same
 pid, same start time), the document is fresh, the master is running (not starting or
 stopping), every queue has its children, and every child has sent a heartbeat within half the
-heartbeat timeout (:func:`stale_after`) and is not being killed. Empty queues are healthy: idle
-children still send heartbeats.
+heartbeat timeout (:func:`stale_after`), is not being killed and is not degraded (its receives
+keep failing: throttling, KMS errors, a broker that answers with errors). Empty queues are
+healthy: idle children still send heartbeats.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -42,6 +44,10 @@ VERSION = 2  # 2: counts are named as in ebsqs.counters (succeeded, not done)
 DEFAULT_MAX_AGE = 10.0
 #: Where systemd units keep their status files (``%t/ebsqs`` of a system unit).
 SYSTEM_RUNTIME_DIR = Path("/run/ebsqs")
+#: The state a worker's heartbeat reports while its receives keep failing.
+DEGRADED = "degraded"
+#: The counters of broker errors, shown by ``ebsqs status`` (names of :class:`Counters` fields).
+ERROR_COUNTERS = ("receive_errors", "ack_errors", "throttled", "kms_errors")
 
 
 class StatusError(Exception):
@@ -133,6 +139,7 @@ def document(
         "counts": snapshot.counts.flat(),
         "restarts": snapshot.restarts,
         "recycled": snapshot.recycled,
+        "degraded": sum(1 for child in snapshot.children if child.state == DEGRADED),
         "children": [_child_document(child) for child in snapshot.children],
     }
 
@@ -199,6 +206,35 @@ def write_status(path: str | Path, doc: Mapping[str, Any]) -> None:
         raise
 
 
+def probe_writable(path: str | Path, *, create_directory: bool = True) -> None:
+    """Prove now that the master will be able to write ``path`` (its status file or pidfile).
+
+    Both are written as a temporary file in the same directory, then renamed over the target,
+    so what must work is creating a file there; the target itself must not be a directory.
+    Run before anything starts, so a bad path is a one-line error at once, not a status that
+    never appears (the master only logs a failed status write, and keeps running).
+
+    Args:
+        path: the file the master will write.
+        create_directory: make missing directories, as :func:`write_status` does (the pidfile's
+            directory must exist already).
+
+    Raises:
+        OSError: the directory cannot be made or written, or ``path`` is a directory.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(target))
+    if create_directory:
+        try:
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        except FileExistsError:  # a file where a directory should be, on the way
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(target)) from None
+    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    os.unlink(temporary)
+
+
 class StatusFile:
     """The master's status file: written each tick, removed at exit, failures logged once."""
 
@@ -240,7 +276,77 @@ def read_status(path: str | Path) -> dict[str, Any]:
         raise StatusError(f"cannot read the status file {path}: {exc}") from None
     if not isinstance(doc, dict) or doc.get("version") != VERSION:
         raise StatusError(f"{path} is not an ebsqs status file of version {VERSION}")
+    problem = shape_problem(doc)
+    if problem is not None:
+        raise StatusError(f"{path} is a damaged ebsqs status file: {problem}")
     return doc
+
+
+_NUMBER = (int, float)
+#: What readers rely on, key by key: the rest of a document may vary between versions of ebsqs.
+_DOCUMENT_SHAPE: dict[str, Any] = {
+    "written_at": _NUMBER,
+    "master": dict,
+    "targets": dict,
+    "counts": dict,
+    "restarts": int,
+    "children": list,
+}
+_MASTER_SHAPE: dict[str, Any] = {
+    "pid": int,
+    "state": str,
+    "uptime": _NUMBER,
+    "heartbeat_timeout": _NUMBER,
+}
+_CHILD_SHAPE: dict[str, Any] = {
+    "queue": str,
+    "slot": int,
+    "pid": int,
+    "phase": str,
+    "state": str,
+    "uptime": _NUMBER,
+    "heartbeat_age": _NUMBER,
+    "counts": dict,
+    "rss": int,
+    "restarts": int,
+}
+_TASK_SHAPE: dict[str, Any] = {"name": str, "running_for": (*_NUMBER, type(None))}
+
+
+def shape_problem(doc: Mapping[str, Any]) -> str | None:
+    """What is missing or mistyped in a status document (one phrase), or None if it is sound.
+
+    A reader checks this once, so that rendering and health judgement never meet a
+    ``KeyError`` half-way (a file damaged by hand, or by a full disk).
+    """
+    problem = _missing(doc, _DOCUMENT_SHAPE, "")
+    if problem is None:
+        problem = _missing(doc["master"], _MASTER_SHAPE, "master.")
+    if problem is None and not all(isinstance(n, int) for n in doc["targets"].values()):
+        problem = "targets must map queues to numbers of children"
+    if problem is None:
+        problems = (_child_problem(c, f"children[{i}].") for i, c in enumerate(doc["children"]))
+        problem = next((found for found in problems if found is not None), None)
+    return problem
+
+
+def _child_problem(child: Any, where: str) -> str | None:
+    problem = _missing(child, _CHILD_SHAPE, where)
+    task = child.get("task") if problem is None else None
+    if task is not None:
+        problem = _missing(task, _TASK_SHAPE, f"{where}task.")
+    return problem
+
+
+def _missing(value: Any, shape: Mapping[str, Any], where: str) -> str | None:
+    if not isinstance(value, Mapping):
+        return f"{where.rstrip('.') or 'the document'} is not an object"
+    for key, kind in shape.items():
+        if key not in value:
+            return f"{where}{key} is missing"
+        if not isinstance(value[key], kind) or isinstance(value[key], bool):
+            return f"{where}{key} has the wrong type ({type(value[key]).__name__})"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +424,20 @@ def _children_health(doc: Mapping[str, Any], stale: float) -> Health:
         silent = float(child["heartbeat_age"]) + stale
         if silent > timeout:
             return Health(False, f"child {name} sent no heartbeat for {silent:.0f} s")
+        if child["state"] == DEGRADED:
+            return Health(False, f"child {name} is degraded: {_degraded_reason(child)}")
     return Health(True)
+
+
+def _degraded_reason(child: Mapping[str, Any]) -> str:
+    """Why a degraded child is: its receives keep failing, with the error counts so far."""
+    counts = child["counts"]
+    found = ", ".join(f"{_label(name)} {counts.get(name, 0)}" for name in ERROR_COUNTERS)
+    return f"its receives keep failing ({found})"
+
+
+def _label(counter: str) -> str:
+    return counter.replace("_", " ").replace("kms", "KMS")
 
 
 def live_view(doc: Mapping[str, Any], now: float | None = None) -> dict[str, Any]:
@@ -336,6 +455,7 @@ def live_view(doc: Mapping[str, Any], now: float | None = None) -> dict[str, Any
         if child["task"] and child["task"]["running_for"] is not None:
             child["task"]["running_for"] = round(child["task"]["running_for"] + stale, 3)
     view["age"] = round(stale, 3)
+    view["degraded"] = sum(1 for child in view["children"] if child["state"] == DEGRADED)
     view["alive"] = master_alive(doc)
     view["healthy"] = health.ok
     view["reason"] = health.reason
@@ -354,6 +474,7 @@ _COLUMNS = (
     "DONE",
     "FAILED",
     "RETRIED",
+    "ERRORS",
     "RESTARTS",
     "RSS",
 )
@@ -364,18 +485,22 @@ def render_table(view: Mapping[str, Any]) -> str:
     master, counts = view["master"], view["counts"]
     header = (
         f"ebsqs master {master['pid']}: {master['state']}, up {_duration(master['uptime'])}, "
-        f"{len(view['children'])} children, done {counts['succeeded']}, failed {counts['failed']}, "
-        f"retried {counts['retried']}, restarts {view['restarts']}"
+        f"{len(view['children'])} children, done {counts.get('succeeded', 0)}, "
+        f"failed {counts.get('failed', 0)}, retried {counts.get('retried', 0)}, "
+        f"restarts {view['restarts']}"
     )
     verdict = "healthy" if view["healthy"] else f"UNHEALTHY: {view['reason']}"
-    lines = [header, f"status {view['age']:.1f} s old, {verdict}", ""]
+    lines = [header, f"status {view['age']:.1f} s old, {verdict}"]
+    if any(counts.get(name, 0) for name in ERROR_COUNTERS):
+        errors = ", ".join(f"{_label(name)} {counts.get(name, 0)}" for name in ERROR_COUNTERS)
+        lines.append(f"broker errors: {errors}")
     rows = [_COLUMNS, *(_row(child) for child in view["children"])]
-    lines += _aligned(rows, right={1, 2, 5, 6, 7, 8, 9, 10})
+    lines += ["", *_aligned(rows, right={1, 2, 5, 6, 7, 8, 9, 10, 11})]
     return "\n".join(lines)
 
 
 def _row(child: Mapping[str, Any]) -> tuple[str, ...]:
-    task = child["task"]
+    task, counts = child.get("task"), child["counts"]
     state = child["state"] if child["phase"] == "running" else f"{child['state']}/{child['phase']}"
     return (
         child["queue"],
@@ -384,9 +509,10 @@ def _row(child: Mapping[str, Any]) -> tuple[str, ...]:
         state,
         _shorten(task["name"], 40) if task else "-",
         _duration(task["running_for"]) if task and task["running_for"] is not None else "-",
-        str(child["counts"]["succeeded"]),
-        str(child["counts"]["failed"]),
-        str(child["counts"]["retried"]),
+        str(counts.get("succeeded", 0)),
+        str(counts.get("failed", 0)),
+        str(counts.get("retried", 0)),
+        str(sum(counts.get(name, 0) for name in ERROR_COUNTERS)),
         str(child["restarts"]),
         _bytes(child["rss"]),
     )

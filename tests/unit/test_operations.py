@@ -29,6 +29,8 @@ from ebsqs.supervisor.table import Table
 from ebsqs.worker import WorkerState, WorkerStatus
 from tests import prometheus
 
+pytestmark = pytest.mark.timeout(30)
+
 # -- heartbeats carry per-task stats ----------------------------------------------------------
 
 
@@ -120,6 +122,18 @@ def test_summary_is_one_line_per_pool() -> None:
     assert summary(stopping).startswith("stopping: a 2/2 up")
 
 
+def test_summary_says_which_queues_have_degraded_children() -> None:
+    snap = snapshot(child(state="degraded"), child(slot=2, pid=102), child(queue="b", pid=103))
+    assert summary(snap) == (
+        "a 2/2 up, 0 busy, 1 degraded; b 1/1 up, 0 busy; done 7, failed 1, restarts 2"
+    )
+
+
+def test_a_degraded_child_does_not_stop_the_watchdog() -> None:
+    # The broker fails, not the pool: a restart by systemd would mend nothing.
+    assert pool_health(snapshot(child(state="degraded")), heartbeat_timeout=10) is None
+
+
 def test_pool_health() -> None:
     assert pool_health(snapshot(child()), heartbeat_timeout=10) is None
     assert pool_health(snapshot(child(heartbeat_age=4.9)), heartbeat_timeout=10) is None
@@ -190,6 +204,31 @@ def test_no_watchdog_while_a_child_is_being_killed(tmp_path: Path, systemd: sock
         clock.now = float(second)
         ops.on_tick(snap)
     assert not any(m == "WATCHDOG=1" for m in messages(systemd))
+
+
+def test_a_child_turning_degraded_reaches_systemd_and_the_status_file(
+    tmp_path: Path, systemd: socket.socket
+) -> None:
+    clock = Clock()
+    ops = operations(tmp_path, clock)
+    healthy = snapshot(child(), child(slot=2, pid=102), child(queue="b", pid=103))
+    ops.on_ready(healthy)
+    messages(systemd)
+    failing = Counters(receive_errors=9, kms_errors=9)
+    sick = replace(
+        healthy, children=(child(state="degraded", counts=failing), *healthy.children[1:])
+    )
+    ops.on_tick(sick)
+    sent = messages(systemd)
+    assert (
+        "STATUS=a 2/2 up, 0 busy, 1 degraded; b 1/1 up, 0 busy; done 7, failed 1, restarts 2"
+        in sent
+    )
+    assert "WATCHDOG=1" in sent
+    written = read_status(tmp_path / "status.json")
+    assert written["degraded"] == 1
+    assert written["children"][0]["state"] == "degraded"
+    assert written["children"][0]["counts"]["kms_errors"] == 9
 
 
 def test_reload_and_stop(tmp_path: Path, systemd: socket.socket) -> None:

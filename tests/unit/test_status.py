@@ -14,9 +14,13 @@ import pytest
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
+from ebsqs.counters import Counters, TaskStats
 from ebsqs.ops import status
 from ebsqs.ops.cli import healthcheck
 from ebsqs.ops.cli import status as status_command
+from ebsqs.supervisor.snapshot import ChildSnapshot, MasterState, Phase, SupervisorSnapshot
+
+pytestmark = pytest.mark.timeout(30)
 
 NOW = 1_700_000_000.0
 
@@ -192,8 +196,13 @@ def test_the_table_is_aligned_and_shows_every_child() -> None:
     assert lines[0].startswith(f"ebsqs master {os.getpid()}: running, up 1h00m, 2 children")
     assert "healthy" in lines[1]
     header, first, second = lines[3:6]
-    assert " ".join(header.split()) == "QUEUE # PID STATE TASK FOR DONE FAILED RETRIED RESTARTS RSS"
-    assert " ".join(first.split()) == "emails 1 1001 busy myapp.tasks.send_mail 3.5s 10 1 2 0 50.0M"
+    assert (
+        " ".join(header.split())
+        == "QUEUE # PID STATE TASK FOR DONE FAILED RETRIED ERRORS RESTARTS RSS"
+    )
+    assert (
+        " ".join(first.split()) == "emails 1 1001 busy myapp.tasks.send_mail 3.5s 10 1 2 0 0 50.0M"
+    )
     assert "draining/retiring" in second
     assert second.split()[-1] == "900B"
     assert header.index("DONE") + len("DONE") == first.index(" 10 ") + len(" 10")
@@ -239,3 +248,159 @@ def test_healthcheck_command(tmp_path: Path) -> None:
     missing = runner.invoke(healthcheck, ["--status-file", str(tmp_path / "none.json")])
     assert missing.exit_code == 1
     assert missing.output.startswith("unhealthy: no status file")
+
+
+# -- damaged files --------------------------------------------------------------------------
+
+
+def damaged(change: str) -> dict[str, Any]:
+    """A sound document with one part broken, as ``change`` says."""
+    document = busy_doc()
+    if change == "no master pid":
+        del document["master"]["pid"]
+    elif change == "children not a list":
+        document["children"] = {"emails": 1}
+    elif change == "child without phase":
+        del document["children"][1]["phase"]
+    elif change == "task a string":
+        document["children"][0]["task"] = "send_mail"
+    elif change == "heartbeat age a string":
+        document["children"][0]["heartbeat_age"] = "soon"
+    elif change == "targets not counts":
+        document["targets"] = {"emails": "one"}
+    return document
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ("no master pid", "master.pid is missing"),
+        ("children not a list", "children has the wrong type (dict)"),
+        ("child without phase", "children[1].phase is missing"),
+        ("task a string", "children[0].task is not an object"),
+        ("heartbeat age a string", "children[0].heartbeat_age has the wrong type (str)"),
+        ("targets not counts", "targets must map queues to numbers of children"),
+    ],
+)
+def test_a_damaged_status_file_is_one_line_error_for_status_and_healthcheck(
+    tmp_path: Path, change: str, says: str
+) -> None:
+    path = write_now(tmp_path / "s.json", damaged(change))
+    with pytest.raises(status.StatusError, match="damaged ebsqs status file"):
+        status.read_status(path)
+    runner = CliRunner()
+    shown = runner.invoke(status_command, ["--status-file", str(path)])
+    assert shown.exit_code == 1 and not isinstance(shown.exception, KeyError | TypeError)
+    assert shown.output == f"Error: {path} is a damaged ebsqs status file: {says}\n"
+    health = runner.invoke(healthcheck, ["--status-file", str(path)])
+    assert health.exit_code == 1
+    assert health.output == f"unhealthy: {path} is a damaged ebsqs status file: {says}\n"
+
+
+def test_the_master_s_own_document_is_sound() -> None:
+    broken = Counters(receive_errors=4, throttled=2, tasks={"t": TaskStats(succeeded=3)})
+    snap = SupervisorSnapshot(
+        pid=os.getpid(),
+        state=MasterState.RUNNING,
+        uptime=5.0,
+        targets={"emails": 2},
+        children=(snapshot_child(1, "busy", Counters()), snapshot_child(2, "degraded", broken)),
+        queue_counts={"emails": broken},
+        restarts=0,
+        recycled=0,
+    )
+    document = status.document(snap, heartbeat_timeout=30.0, now=NOW)
+    assert status.shape_problem(document) is None
+    # The status document carries the degraded state and the error counters.
+    assert document["degraded"] == 1
+    assert [c["state"] for c in document["children"]] == ["busy", "degraded"]
+    assert document["children"][1]["counts"]["receive_errors"] == 4
+    assert document["counts"]["throttled"] == 2
+    assert not status.check_health(document, now=NOW).ok
+
+
+def snapshot_child(slot: int, state: str, counts: Counters) -> ChildSnapshot:
+    return ChildSnapshot(
+        queue="emails",
+        slot=slot,
+        pid=1000 + slot,
+        phase=Phase.RUNNING,
+        state=state,
+        generation=0,
+        uptime=5.0,
+        heartbeat_age=0.2,
+        in_flight=0,
+        task=None,
+        counts=counts,
+        rss=0,
+        restarts=0,
+    )
+
+
+# -- degraded children ----------------------------------------------------------------------
+
+ERRORS = {"receive_errors": 12, "ack_errors": 1, "throttled": 7, "kms_errors": 0}
+
+
+def degraded_doc() -> dict[str, Any]:
+    sick = child(slot=2, pid=1002, state="degraded", counts={**child()["counts"], **ERRORS})
+    document = doc([child(), sick])
+    document["targets"] = {"emails": 2}
+    document["counts"] = {**document["counts"], **ERRORS}
+    return document
+
+
+def test_a_degraded_child_is_unhealthy_with_its_error_counts() -> None:
+    health = status.check_health(degraded_doc(), now=NOW)
+    assert health == status.Health(
+        False,
+        "child emails #2 (pid 1002) is degraded: its receives keep failing "
+        "(receive errors 12, ack errors 1, throttled 7, KMS errors 0)",
+    )
+
+
+def test_status_shows_degraded_children_and_broker_errors() -> None:
+    view = status.live_view(degraded_doc(), now=NOW + 1)
+    assert view["degraded"] == 1 and view["healthy"] is False
+    lines = status.render_table(view).splitlines()
+    assert "UNHEALTHY: child emails #2 (pid 1002) is degraded" in lines[1]
+    assert lines[2] == "broker errors: receive errors 12, ack errors 1, throttled 7, KMS errors 0"
+    rows = {line.split()[1]: line.split() for line in lines[5:]}
+    header = lines[4].split()
+    assert rows["2"][header.index("STATE")] == "degraded"
+    assert rows["2"][header.index("ERRORS")] == "20"
+    assert rows["1"][header.index("ERRORS")] == "0"
+
+
+def test_healthcheck_fails_on_a_degraded_child(tmp_path: Path) -> None:
+    path = write_now(tmp_path / "s.json", degraded_doc())
+    result = CliRunner().invoke(healthcheck, ["--status-file", str(path)])
+    assert result.exit_code == 1
+    assert result.output.startswith("unhealthy: child emails #2 (pid 1002) is degraded")
+
+
+def test_no_broker_errors_line_while_there_are_none() -> None:
+    lines = status.render_table(status.live_view(doc(), now=NOW)).splitlines()
+    assert not any(line.startswith("broker errors") for line in lines)
+
+
+# -- checking at start ------------------------------------------------------------------------
+
+
+def test_probe_writable_leaves_nothing_behind(tmp_path: Path) -> None:
+    status.probe_writable(tmp_path / "run" / "status.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert list((tmp_path / "run").iterdir()) == []
+    status.probe_writable(tmp_path / "m.pid", create_directory=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_probe_writable_refuses_what_the_master_could_not_write(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(NotADirectoryError):
+        status.probe_writable(blocker / "status.json")
+    with pytest.raises(IsADirectoryError):
+        status.probe_writable(tmp_path)
+    with pytest.raises(FileNotFoundError):  # a pidfile's directory is not made for it
+        status.probe_writable(tmp_path / "missing" / "m.pid", create_directory=False)
