@@ -8,13 +8,16 @@ Every flag can also be set through the environment: the shared ones by the names
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import structlog
 
 from ebsqs import executors, log
 from ebsqs.app import load_app, split_list
@@ -24,15 +27,20 @@ from ebsqs.config import (
     DEFAULT_HEARTBEAT_TIMEOUT,
     Settings,
     load_settings,
+    queue_limits,
 )
 from ebsqs.envelope import Envelope
-from ebsqs.errors import EbsqsError, ExitCode, exit_code_for
+from ebsqs.errors import ConfigurationError, EbsqsError, ExitCode, exit_code_for
 from ebsqs.ops import cli as ops_cli
+from ebsqs.ops.status import probe_writable, status_path
 from ebsqs.producer import ensure_queue, outgoing, send_messages
+from ebsqs.producer import send as send_calls
 from ebsqs.registry import registry
 from ebsqs.worker import FastStop, Worker, WorkerOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+logger = structlog.get_logger(__name__)
 
 
 def broker_option(fn: F) -> F:
@@ -84,6 +92,48 @@ def queues_option(required: bool = True) -> Callable[[F], F]:
     return decorate
 
 
+def _check_time_limits(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """Callback of ``--time-limit`` and ``--soft-time-limit``: each is well formed, and no soft
+    limit is over the hard limit of the same queue (the soft one would never fire first).
+
+    Both options carry it: click calls it as it processes each, so whichever comes second finds
+    the other in ``ctx.params`` and compares the two. ``systemd-unit`` parses its flags with
+    ``supervise``'s parser, so a unit is checked the same way.
+    """
+    try:
+        if value:
+            queue_limits(value, f"--{str(param.name).replace('_', '-')}")
+        hard_name, soft_name = "time_limit", "soft_time_limit"
+        other = soft_name if param.name == hard_name else hard_name
+        if other in ctx.params:
+            limits = {param.name: value, other: ctx.params[other]}
+            problem = soft_over_hard(limits[hard_name] or "", limits[soft_name] or "")
+            if problem is not None:
+                raise click.BadParameter(problem, param_hint="--soft-time-limit")
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def soft_over_hard(hard_spec: str, soft_spec: str) -> str | None:
+    """Why a soft time limit is over its hard one (one line), or None when none is.
+
+    Both are ``--time-limit`` forms: seconds (every queue) or ``queue=seconds`` pairs, ``*``
+    standing for the other queues; each queue is compared with what applies to it.
+    """
+    hard = queue_limits(hard_spec, "--time-limit")
+    soft = queue_limits(soft_spec, "--soft-time-limit")
+    for queue in sorted(hard.keys() | soft.keys()):
+        hard_limit, soft_limit = hard.get(queue, hard.get("*")), soft.get(queue, soft.get("*"))
+        if hard_limit is not None and soft_limit is not None and soft_limit > hard_limit:
+            where = "" if queue == "*" else f" for queue {queue}"
+            return (
+                f"the soft limit{where} ({soft_limit:g} s) is over the hard limit "
+                f"({hard_limit:g} s, --time-limit): the soft one must come first"
+            )
+    return None
+
+
 def worker_options(fn: F) -> F:
     """Flags shared by `worker` and `supervise`."""
     for option in reversed(
@@ -114,6 +164,7 @@ def worker_options(fn: F) -> F:
                 "--time-limit",
                 envvar="EBSQS_TIME_LIMIT",
                 default=None,
+                callback=_check_time_limits,
                 help="Hard limit of tasks that set none: seconds, or per queue "
                 "(emails=60,reports=600,*=3600) [env EBSQS_TIME_LIMIT].",
             ),
@@ -121,7 +172,9 @@ def worker_options(fn: F) -> F:
                 "--soft-time-limit",
                 envvar="EBSQS_SOFT_TIME_LIMIT",
                 default=None,
-                help="Soft limit of tasks that set none, in the same form.",
+                callback=_check_time_limits,
+                help="Soft limit of tasks that set none, in the same form; never over the hard "
+                "limit of the same queue.",
             ),
             click.option(
                 "--visibility-timeout",
@@ -222,6 +275,17 @@ def worker(
         sys.exit(ExitCode.ERROR)
     if the_worker.overran:
         sys.exit(ExitCode.OVERRUN)
+
+
+def _check_writable(path: str | Path | None, flag: str, *, create_directory: bool = True) -> None:
+    """A usage error now if the master could not write ``path`` (see ``probe_writable``)."""
+    if path is None:
+        return
+    try:
+        probe_writable(path, create_directory=create_directory)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise click.BadParameter(f"cannot write {path}: {reason}", param_hint=flag) from None
 
 
 def install_stop_signals(the_worker: Worker) -> None:
@@ -347,6 +411,16 @@ def supervise(
         specs = parse_queues(queues, workers or DEFAULT_WORKERS)
     except EbsqsError as exc:
         raise click.BadParameter(str(exc), param_hint="--queues") from None
+    # Found now, not after start: a pidfile write fails the start with a traceback, and a
+    # status file that cannot be written only logs, so healthchecks would fail forever.
+    _check_writable(pidfile, "--pidfile", create_directory=False)
+    _check_writable(status_path(status_file, pidfile, os.getpid()), "--status-file")
+    if not apps and not len(registry):  # under Django, tasks are autodiscovered before this
+        logger.warning(
+            "app_not_given",
+            consequence="no task is registered: every message is dead-lettered as unknown",
+            fix="pass --app myapp.tasks (or set EBSQS_APP)",
+        )
     config = SupervisorConfig(
         apps=tuple(split_list(apps)),
         queues=specs,
@@ -384,15 +458,21 @@ def send(
     apps: tuple[str, ...],
     broker: str | None,
 ) -> None:
-    """Send one TASK_NAME invocation; print its task id."""
+    """Send one TASK_NAME invocation; print its task id.
+
+    With --app, a registered task is sent as ``.delay()`` would send it (its queue, retries
+    and delay), on the broker these flags name; otherwise the name is sent as given.
+    """
     args = _json_param(args_json, list, "--args")
     kwargs = _json_param(kwargs_json, dict, "--kwargs")
     settings = settings_from(broker)
     load_app(split_list(apps))
     if task_name in registry:
         task = registry.get(task_name)
-        bound = task.send_with(queue_name=queue, delay=delay)
-        click.echo(bound.task._send([task.call(*args, **kwargs)], bound.options)[0])
+        options = task.send_with(queue_name=queue, delay=delay).options
+        # These settings, not the producer's own reading of them: --broker must reach it.
+        [task_id] = send_calls(task, [task.call(*args, **kwargs)], options, settings=settings)
+        click.echo(task_id)
         return
     if apps:
         raise click.BadParameter(f"no task {task_name!r} in {', '.join(apps)}", param_hint="TASK")

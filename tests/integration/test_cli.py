@@ -7,17 +7,22 @@ traceback; ``queues create``, ``dlq redrive``, ``dlq peek`` and ``send`` do what
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from ebsqs.brokers import OutgoingMessage
+from ebsqs.brokers import OutgoingMessage, from_url
 from ebsqs.brokers.sqs import SQSBroker
+from ebsqs.envelope import decode
 from ebsqs.worker.settle import ERROR, ERROR_TYPE, REASON
-from tests.integration.processes import APP, Backend
+from tests import servers
+from tests.integration.processes import APP, EBSQS, Backend
+from tests.waiting import wait_until
 
 RECORD = "tests.fixtures.worker_tasks.record"
 
@@ -61,6 +66,26 @@ def _is_log_line(line: str) -> bool:
         (["send", RECORD, "--args", "{"], 2, "--args: not JSON"),
         (["send", RECORD, "--kwargs", "[]"], 2, "--kwargs: must be a JSON dict"),
         (["send", "no.such.task", "--app", APP], 2, "no task 'no.such.task'"),
+        (
+            ["worker", "--queues", "q", "--time-limit", "60", "--soft-time-limit", "90"],
+            2,
+            "--soft-time-limit: the soft limit (90 s) is over the hard limit (60 s",
+        ),
+        (
+            [
+                "supervise",
+                "--queues",
+                "q",
+                "--time-limit",
+                "a=60,*=600",
+                "--soft-time-limit",
+                "a=90",
+            ],
+            2,
+            "the soft limit for queue a (90 s) is over the hard limit (60 s",
+        ),
+        (["worker", "--queues", "q", "--time-limit", "soon"], 2, "'--time-limit'"),
+        (["systemd-unit", "--app", APP], 2, "the unit names no queues"),
         (["queues", "frobnicate"], 2, "No such command 'frobnicate'"),
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
@@ -221,3 +246,106 @@ def test_send_with_delay_is_not_visible_at_once(
     assert result.returncode == 0, result.stderr
     assert backend.counts(queue) == (0, 0, 1)
     assert backend.broker.receive(queue, 10, wait_seconds=0) == []
+
+
+@pytest.mark.timeout(60)
+def test_send_reaches_the_broker_its_flag_names(
+    moto_server: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    unique_queue: Callable[..., str],
+) -> None:
+    """``--broker sqs://`` for a registered task: the message is on SQS, not in ./ebsqs.sqlite3."""
+    servers.apply_sqs_env(monkeypatch, moto_server)
+    queue = unique_queue()
+    broker = from_url("sqs://")
+    broker.ensure_queue(queue)
+    # No EBSQS_* setting at all: only the flag can point the command at SQS.
+    env = {k: v for k, v in servers.subprocess_env(moto_server).items() if "EBSQS" not in k}
+    env["PYTHONPATH"] = str(servers.ROOT)  # --app imports the fixtures from the checkout
+    args = ["send", RECORD, "--app", APP, "--broker", "sqs://", "--queue", queue]
+
+    result = subprocess.run(
+        [*EBSQS, *args, "--args", '["over sqs"]'],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 0, result.stderr
+    task_id = result.stdout.strip()
+    [message] = wait_until(
+        lambda: broker.receive(queue, 10, wait_seconds=1), 20, message="nothing arrived"
+    )
+    envelope = decode(message.body)
+    assert (envelope.id, envelope.task, envelope.args) == (task_id, RECORD, ("over sqs",))
+    assert not (tmp_path / "ebsqs.sqlite3").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def blocked(tmp_path: Path, name: str) -> str:
+    """A path under a regular file: no one (not even root) can create it."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    return str(blocker / name)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("flag", ["--pidfile", "--status-file"])
+def test_supervise_refuses_an_unwritable_pidfile_or_status_file_at_start(
+    backend: Backend, tmp_path: Path, flag: str
+) -> None:
+    path = blocked(tmp_path, "ebsqs.pid" if flag == "--pidfile" else "status.json")
+
+    result = backend.run("supervise", "--app", APP, "--queues", "q", flag, path)
+
+    assert_one_line_error(result, 2, f"{flag}: cannot write {path}: Not a directory")
+    assert "master_started" not in result.stderr  # refused before anything started
+
+
+class Supervisor:
+    """An ``ebsqs supervise`` subprocess writing JSON log lines to a file."""
+
+    def __init__(self, backend: Backend, *args: str) -> None:
+        self.log_path = backend.tmp_path / "supervise.log"
+        status_file = str(backend.tmp_path / "status.json")
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [*EBSQS, "supervise", "--log-format", "json", "--status-file", status_file, *args],
+                cwd=servers.ROOT,
+                env=backend.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def events(self) -> list[str]:
+        found = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            try:
+                found.append(json.loads(line).get("event"))
+            except (ValueError, AttributeError):
+                continue
+        return found
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=20)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("app", [[], ["--app", APP]], ids=["without app", "with app"])
+def test_supervise_without_app_warns(backend: Backend, app: list[str]) -> None:
+    supervisor = Supervisor(backend, *app, "--queues", "q", "--workers", "1", "--wait", "1")
+    try:
+        events = wait_until(
+            lambda: "supervisor_ready" in supervisor.events() and supervisor.events(),
+            30,
+            message=lambda: supervisor.log_path.read_text(),
+        )
+    finally:
+        assert supervisor.stop() == 0
+    assert ("app_not_given" in events) is (not app)
