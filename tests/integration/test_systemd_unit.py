@@ -1,4 +1,5 @@
-"""``ebsqs systemd-unit`` output checked by systemd's own parser: ``systemd-analyze verify``.
+"""``ebsqs systemd-unit`` output checked by systemd's own tools: ``systemd-analyze verify`` (the
+unit parses and can start) and ``systemd-analyze security`` (how exposed the sandbox leaves it).
 
 ``verify`` exits 0 even for lines it ignores (an unknown key, a bad value), so every test also
 requires it to print nothing. It checks that ExecStart's program exists, which it does: the unit
@@ -9,6 +10,7 @@ without systemd) these tests skip; the unit text is still covered by ``tests/uni
 from __future__ import annotations
 
 import getpass
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -84,3 +86,72 @@ def test_template_unit_passes_for_an_instance(tmp_path: Path) -> None:
     # The instance name of the queue list "emails,reports" (systemd-escape turns "," into \x2c).
     verify(tmp_path, "ebsqs@emails\\x2creports.service")
     assert int(setting(unit, "TimeoutStopSec")) > 5
+
+
+#: The exposure systemd-analyze rates "OK" or better; the unit was 9.6 ("UNSAFE") unhardened.
+MAX_EXPOSURE = 4.0
+EXPOSURE = re.compile(r"Overall exposure level for \S+: (\d+\.\d+)")
+
+
+def exposure(directory: Path, unit_name: str) -> float:
+    """``systemd-analyze security --offline=yes``'s overall exposure of a unit file."""
+    assert SYSTEMD_ANALYZE is not None
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=yes", "--no-pager", str(directory / unit_name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    found = EXPOSURE.search(result.stdout + result.stderr)
+    assert found is not None, result.stdout + result.stderr
+    return float(found[1])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("args", "unit_name", "file_name"),
+    [
+        (["--app", APP, "--queues", "emails"], "ebsqs.service", "ebsqs.service"),
+        (
+            [
+                "--app",
+                APP,
+                "--queues",
+                "emails:2",
+                "--broker",
+                "sqlite:////var/lib/ebsqs/broker.db",
+                "--pidfile",
+                "/run/ebsqs-pid/master.pid",
+                "--user",
+                getpass.getuser(),
+                "--environment-file",
+                "-/etc/ebsqs/ebsqs.env",
+            ],
+            "ebsqs.service",
+            "ebsqs.service",
+        ),
+        (["--template", "--app", APP], "ebsqs@emails.service", "ebsqs@.service"),
+    ],
+    ids=["plain", "sqlite, pidfile and user", "template"],
+)
+def test_the_unit_is_hardened_and_still_verifies(
+    tmp_path: Path, args: list[str], unit_name: str, file_name: str
+) -> None:
+    unit = unit_text("--working-directory", str(servers.ROOT), *args)
+    (tmp_path / file_name).write_text(unit)
+
+    verify(tmp_path, unit_name)
+    assert exposure(tmp_path, unit_name) <= MAX_EXPOSURE
+    assert setting(unit, "ProtectSystem") == "strict"
+    assert setting(unit, "NoNewPrivileges") == "yes"
+
+
+@pytest.mark.timeout(60)
+def test_the_unhardened_unit_would_fail_the_exposure_check(tmp_path: Path) -> None:
+    """The measure can fail: without its sandbox lines the same unit is rated far worse."""
+    unit = unit_text("--app", APP, "--queues", "emails", "--working-directory", str(servers.ROOT))
+    sandbox = ("Protect", "Private", "Restrict", "NoNew", "Capability", "SystemCall", "UMask")
+    bare = "\n".join(line for line in unit.splitlines() if not line.startswith(sandbox))
+    (tmp_path / "ebsqs.service").write_text(bare + "\n")
+    assert exposure(tmp_path, "ebsqs.service") > MAX_EXPOSURE
