@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -42,6 +42,11 @@ class Settings:
         eager: run ``.delay()`` in-process through the full serialisation path (tests).
         accept_pickle: let workers run pickled (legacy) bodies; off, since pickle runs code.
         signing_key: HMAC key; when set, producers sign and workers refuse unsigned bodies.
+            The one-key form of ``signing_keys``; after construction it is the signing key.
+        signing_keys: HMAC keys for rotation (``EBSQS_SIGNING_KEYS=new,old``): the first signs,
+            workers accept any of them. When set, ``signing_key`` is set to its first key.
+        signature_max_age: seconds after signing past which workers refuse a signed body
+            (replays); None for no limit. A message's time in the queue counts.
         dead_letter_suffix: ``<queue><suffix>`` is a queue's dead-letter queue.
         auto_create_queues: workers create missing queues (and their DLQ) at start.
         visibility_timeout: seconds a received message stays invisible (extended while running).
@@ -64,6 +69,8 @@ class Settings:
     eager: bool = False
     accept_pickle: bool = False
     signing_key: str | None = None
+    signing_keys: tuple[str, ...] = ()
+    signature_max_age: float | None = None
     dead_letter_suffix: str = "-dlq"
     auto_create_queues: bool = True
     visibility_timeout: int = 30
@@ -79,6 +86,15 @@ class Settings:
     def __post_init__(self) -> None:
         queue_limits(self.time_limit, "time_limit")
         queue_limits(self.soft_time_limit, "soft_time_limit")
+        keys = _signing_keys(self.signing_key, self.signing_keys)
+        # Both fields always agree, so code that reads the one-key form signs and checks too.
+        object.__setattr__(self, "signing_keys", keys)
+        object.__setattr__(self, "signing_key", keys[0] if keys else None)
+        if self.signature_max_age is not None and not self.signature_max_age > 0:
+            raise ConfigurationError(
+                f"signature_max_age must be seconds > 0, got {self.signature_max_age!r}; "
+                "leave it unset for no limit"
+            )
 
     def time_limits_for(self, queue: str) -> tuple[float | None, float | None]:
         """The default (hard, soft) time limits of tasks from a logical queue."""
@@ -102,7 +118,13 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (unknown names are an error)."""
-        return dataclasses.replace(self, **_coerce_all(changes, origin="override"))
+        changes = _coerce_all(changes, origin="override")
+        # The two key fields mirror each other: a change to one replaces both.
+        if "signing_keys" in changes and "signing_key" not in changes:
+            changes["signing_key"] = None
+        elif "signing_key" in changes and "signing_keys" not in changes:
+            changes["signing_keys"] = ()
+        return dataclasses.replace(self, **changes)
 
 
 @functools.cache
@@ -125,6 +147,33 @@ def queue_limits(spec: str, name: str = "time limit") -> dict[str, float]:
             )
         limits[queue.strip() or "*"] = value
     return limits
+
+
+def _signing_keys(key: str | None, keys: Sequence[str] | str) -> tuple[str, ...]:
+    """The accepted keys, the signing one first, from the one-key and the list form.
+
+    Raises:
+        ConfigurationError: both forms are set and the single key is not among the list.
+    """
+    if isinstance(keys, str):
+        keys = _split_keys(keys)
+    if not all(isinstance(k, str) for k in keys):
+        raise ConfigurationError("signing_keys must be strings (EBSQS_SIGNING_KEYS=new,old)")
+    listed = tuple(k for k in keys if k)
+    if not listed:
+        return (key,) if key else ()
+    if key and key not in listed:
+        # Never guess which of two disagreeing settings signs; and never print a key.
+        raise ConfigurationError(
+            "signing_key is set and is not one of signing_keys: set signing_keys alone "
+            "(the first key signs, every key is accepted)"
+        )
+    return listed
+
+
+def _split_keys(text: str) -> tuple[str, ...]:
+    """``"new, old"`` as ``("new", "old")``: comma-separated, spaces around keys ignored."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def load_settings(**overrides: Any) -> Settings:
@@ -157,8 +206,11 @@ def _coerce_all(values: Mapping[str, Any], origin: str) -> dict[str, Any]:
 
 
 def _coerce(name: str, type_name: str, value: Any, origin: str) -> Any:
+    if type_name.startswith("tuple[str") and isinstance(value, list | tuple):
+        return tuple(value)
     if value is None or not isinstance(value, str) or type_name.startswith("str"):
         return value
+    type_name = type_name.removesuffix(" | None")
     try:
         if type_name == "bool":
             return _parse_bool(value)
@@ -166,6 +218,8 @@ def _coerce(name: str, type_name: str, value: Any, origin: str) -> Any:
             return int(value)
         if type_name == "float":
             return float(value)
+        if type_name.startswith("tuple[str"):
+            return _split_keys(value)
     except ValueError:
         raise ConfigurationError(
             f"setting {name} from the {origin} must be a {type_name}, got {value!r}"

@@ -20,8 +20,13 @@ class EagerTaskFailed(Exception):
 
 def run_eagerly(envelope: Envelope, settings: Settings) -> str:
     """Run every attempt of ``envelope`` now; return its task id."""
-    body = encode(envelope, signing_key=settings.signing_key)
-    current = decode(body, signing_key=settings.signing_key)
+    body = encode(envelope, signing_key=settings.signing_keys)
+    current = decode(
+        body,
+        signing_key=settings.signing_keys,
+        accept_pickle=settings.accept_pickle,
+        max_signature_age=settings.signature_max_age,
+    )
     while True:
         outcome = run_job(Job(key=str(uuid.uuid4()), envelope=current, queue="eager"), registry)
         if outcome.kind is OutcomeKind.SUCCEEDED:

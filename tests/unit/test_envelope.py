@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import json
+import time
 from pathlib import Path
 
 import pytest
 
-from ebsqs.envelope import Envelope, decode, encode
+from ebsqs.envelope import Envelope, decode, encode, sign
 from ebsqs.errors import EnvelopeError, SerializationError
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "django-eb-sqs-1.44-bodies.json"
@@ -75,6 +78,69 @@ def test_signed_bodies_verify_and_tampering_is_refused() -> None:
         decode(tampered, signing_key="k1")
     with pytest.raises(EnvelopeError, match="not signed"):
         decode(encode(Envelope(task="t")), signing_key="k1")
+
+
+def test_the_signature_covers_the_bytes_sent_so_json_changes_do_not_break_it() -> None:
+    """``{9: "x"}`` arrives as ``{"9": "x"}``: a signature over the Python payload failed."""
+    body = encode(Envelope(task="t", args=({9: "x"},), kwargs={"n": 1.0}), signing_key="k1")
+    signed = "{" + body[len('{"sig":"') + 64 + 2 :]
+    digest = hmac.new(b"k1", signed.encode(), hashlib.sha256).hexdigest()
+    assert body.startswith(f'{{"sig":"{digest}",')
+    assert decode(body, signing_key="k1").args == ({"9": "x"},)
+
+
+def test_key_rotation_signs_with_the_first_key_and_accepts_every_listed_one() -> None:
+    old = encode(Envelope(task="t"), signing_key="old")
+    new = encode(Envelope(task="t"), signing_key=["new", "old"])
+    assert decode(old, signing_key=("new", "old")).task == "t"
+    assert decode(new, signing_key=("new", "old")).task == "t"
+    assert decode(new, signing_key="new").task == "t"
+    with pytest.raises(EnvelopeError, match="does not match any accepted signing key"):
+        decode(new, signing_key="old")  # retired keys never sign
+
+
+def test_signature_age_is_checked_against_the_signing_time() -> None:
+    before = time.time()
+    body = encode(Envelope(task="t"), signing_key="k1")
+    assert before <= json.loads(body)["signed_at"] <= time.time()
+    assert decode(body, signing_key="k1", max_signature_age=60).task == "t"
+    stale = sign(encode(Envelope(task="t"))[:-1] + f',"signed_at":{before - 120}}}', "k1")
+    with pytest.raises(EnvelopeError, match=r"signed 12\d s ago, over signature_max_age \(60 s\)"):
+        decode(stale, signing_key="k1", max_signature_age=60)
+    assert decode(stale, signing_key="k1").task == "t"  # no limit set: age does not matter
+
+
+def test_bodies_signed_over_the_whole_payload_still_verify_without_an_age_limit() -> None:
+    """Workers upgrade before producers: the earlier form (a sorted re-encoding) is read."""
+    payload = json.loads(encode(Envelope(task="t", args=(1,))))
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    payload["sig"] = hmac.new(b"k1", canonical, hashlib.sha256).hexdigest()
+    body = json.dumps(payload)
+    assert decode(body, signing_key=["k2", "k1"]).args == (1,)
+    with pytest.raises(EnvelopeError, match="does not match"):
+        decode(body.replace('"args": [1]', '"args": [2]'), signing_key="k1")
+    with pytest.raises(EnvelopeError, match="older whole-payload form"):
+        decode(body, signing_key="k1", max_signature_age=3600)
+
+
+def test_a_worker_without_a_key_reads_signed_bodies() -> None:
+    body = encode(Envelope(task="t", args=("€",)), signing_key="k1")
+    assert decode(body).args == ("€",)
+
+
+def test_text_travels_as_utf8_and_sizes_are_its_bytes() -> None:
+    body = encode(Envelope(task="t", args=("€" * 50_000,)))
+    assert "€" * 50_000 in body and "\\u20ac" not in body
+    assert 150_000 < len(body.encode()) < 150_300
+    assert decode(body).args == ("€" * 50_000,)
+
+
+def test_characters_sqs_refuses_raw_are_escaped_and_lone_surrogates_are_named() -> None:
+    body = encode(Envelope(task="t", args=("a\ufffe\uffffé",)))
+    assert "\ufffe" not in body and "\\ufffe" in body and "é" in body
+    assert decode(body).args == ("a\ufffe\uffffé",)
+    with pytest.raises(SerializationError, match=r"argument 'name' holds a lone surrogate"):
+        encode(Envelope(task="t", kwargs={"name": "caf\udce9"}))
 
 
 def test_django_eb_sqs_bodies_decode_with_attempt_semantics() -> None:

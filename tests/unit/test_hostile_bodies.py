@@ -124,7 +124,11 @@ SIGNED: list[tuple[str, str, str]] = [
     ("tampered", signed_at(time.time()).replace('"t"', '"u"'), "does not match"),
     ("short signature", '{"sig":"abc",' + v1()[1:], "does not match"),
     ("signed by another key", sign(v1(signed_at=time.time()), "k-unknown"), "does not match"),
-    ("expired", signed_at(time.time() - 3600), r"signed 3600 s ago, over signature_max_age"),
+    (
+        "expired",
+        signed_at(time.time() - 3600),
+        r"signed 36\d\d s ago, over signature_max_age \(300 s\)",
+    ),
     ("no signing time", sign(v1(), KEY), r"no signing time \('signed_at'\)"),
     ("signing time text", sign(v1(signed_at='"now"'), KEY), "no signing time"),
     ("old whole-payload form", v1(sig='"' + "0" * 64 + '"'), "older whole-payload form"),
