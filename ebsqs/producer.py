@@ -22,13 +22,13 @@ from typing import Any, Protocol
 import structlog
 
 from ebsqs import middleware
-from ebsqs.brokers import MAX_BATCH, MAX_DELAY_SECONDS, Broker, OutgoingMessage, from_url
+from ebsqs.brokers import MAX_DELAY_SECONDS, Broker, OutgoingMessage, from_url
 from ebsqs.brokers.base import QueueSettings
-from ebsqs.brokers.checks import utf8_size
+from ebsqs.brokers.checks import batch_ranges, utf8_size
 from ebsqs.config import Settings, load_settings
 from ebsqs.eager import run_eagerly
 from ebsqs.envelope import Envelope, encode, new_id
-from ebsqs.errors import MessageTooLargeError, QueueDoesNotExist
+from ebsqs.errors import BrokerError, MessageTooLargeError, PartialBatchError, QueueDoesNotExist
 
 log = structlog.get_logger(__name__)
 
@@ -177,8 +177,9 @@ def send_now(
         outgoing(envelope, due, settings, broker.max_body_bytes, options, logical)
         for envelope in envelopes
     ]
-    send_messages(broker, settings, settings.physical_queue(logical), messages)
-    return [envelope.id for envelope in envelopes]
+    task_ids = [envelope.id for envelope in envelopes]
+    send_messages(broker, settings, settings.physical_queue(logical), messages, task_ids=task_ids)
+    return task_ids
 
 
 def outgoing(
@@ -200,7 +201,7 @@ def outgoing(
     if remaining > MAX_DELAY_SECONDS:
         envelope = envelope.with_due(due)
     body = encode(
-        envelope, signing_key=settings.signing_key, legacy=settings.legacy_producer, queue=queue
+        envelope, signing_key=settings.signing_keys, legacy=settings.legacy_producer, queue=queue
     )
     size = utf8_size(body)
     if size > limit:
@@ -214,20 +215,70 @@ def outgoing(
 
 
 def send_messages(
-    broker: Broker, settings: Settings, queue: str, messages: Sequence[OutgoingMessage]
+    broker: Broker,
+    settings: Settings,
+    queue: str,
+    messages: Sequence[OutgoingMessage],
+    *,
+    task_ids: Sequence[str] | None = None,
 ) -> list[str]:
-    """Send in batches of ten, creating the queue first if it is missing and allowed."""
-    ids: list[str] = []
-    for start in range(0, len(messages), MAX_BATCH):
-        batch = messages[start : start + MAX_BATCH]
+    """Send messages in batches SQS accepts; return their message ids in order.
+
+    A batch ends at ten entries or at SQS's 1 MiB per request. The queue is created first if it
+    is missing and that is allowed. Entries that fail for good do not stop later batches, and
+    nothing sent is ever sent again, so the error below says exactly what to send again.
+
+    Args:
+        broker: where to send.
+        settings: whether a missing queue may be created, and how.
+        queue: the physical queue.
+        messages: what to send.
+        task_ids: the task id of each message, named in failures.
+
+    Raises:
+        PartialBatchError: some messages were not sent. ``failed`` and ``succeeded`` are keyed
+            by the index in ``messages``; each reason names the task id when given.
+        BrokerError: nothing was sent (the queue is missing, access is denied, ...).
+    """
+    sent: dict[int, str] = {}
+    failed: dict[int, str] = {}
+    for span in batch_ranges(messages):
         try:
-            ids += broker.send_batch(queue, batch)
-        except QueueDoesNotExist:
-            if not settings.auto_create_queues:
+            ids = _send_batch(broker, settings, queue, messages[span.start : span.stop])
+        except PartialBatchError as exc:
+            sent.update({span.start + i: message_id for i, message_id in exc.succeeded.items()})
+            failed.update({span.start + i: why for i, why in exc.failed.items()})
+        except BrokerError as exc:
+            if not sent and not failed:
                 raise
-            ensure_queue(broker, settings, queue)
-            ids += broker.send_batch(queue, batch)
-    return ids
+            # The call failed whole; what came before was sent and must not be sent again.
+            failed.update(dict.fromkeys(range(span.start, len(messages)), f"not sent: {exc}"))
+            raise _send_failed(queue, failed, sent, task_ids) from exc
+        else:
+            sent.update(zip(span, ids, strict=True))
+    if failed:
+        raise _send_failed(queue, failed, sent, task_ids)
+    return [sent[i] for i in range(len(messages))]
+
+
+def _send_batch(
+    broker: Broker, settings: Settings, queue: str, batch: Sequence[OutgoingMessage]
+) -> list[str]:
+    try:
+        return broker.send_batch(queue, batch)
+    except QueueDoesNotExist:
+        if not settings.auto_create_queues:
+            raise
+        ensure_queue(broker, settings, queue)
+        return broker.send_batch(queue, batch)
+
+
+def _send_failed(
+    queue: str, failed: dict[int, str], sent: dict[int, str], task_ids: Sequence[str] | None
+) -> PartialBatchError:
+    if task_ids is not None:
+        failed = {i: f"task {task_ids[i]}: {why}" for i, why in failed.items()}
+    return PartialBatchError(f"send to {queue!r}", failed=failed, succeeded=sent)
 
 
 def ensure_queue(broker: Broker, settings: Settings, queue: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from ebsqs.brokers.base import (
     MAX_BATCH,
@@ -12,6 +12,11 @@ from ebsqs.brokers.base import (
     OutgoingMessage,
 )
 from ebsqs.errors import BrokerError, MessageTooLargeError
+
+#: SQS's limit on one SendMessageBatch: the bodies and attributes of its entries, in all.
+MAX_BATCH_BYTES = 1024 * 1024
+#: What SQS counts for each string attribute besides its name and value: its data type.
+_STRING_TYPE_BYTES = len("String")
 
 
 def check_batch(entries: Sequence[object]) -> None:
@@ -32,6 +37,33 @@ def check_message(message: OutgoingMessage, max_body_bytes: int) -> None:
 def utf8_size(text: str) -> int:
     """Bytes of ``text`` in UTF-8, without encoding it when it is ASCII (every ebsqs body)."""
     return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def message_bytes(message: OutgoingMessage) -> int:
+    """The bytes SQS counts for a message: its body, and each attribute's name, type and value."""
+    size = utf8_size(message.body)
+    for name, value in message.attributes.items():
+        size += utf8_size(name) + _STRING_TYPE_BYTES + utf8_size(value)
+    return size
+
+
+def batch_ranges(
+    messages: Sequence[OutgoingMessage], max_bytes: int = MAX_BATCH_BYTES
+) -> Iterator[range]:
+    """Consecutive index ranges of ``messages``, each a batch SQS accepts in one request.
+
+    A batch ends at :data:`MAX_BATCH` entries or before its bytes would pass ``max_bytes``. A
+    message larger than ``max_bytes`` on its own goes alone, for the broker to refuse by name.
+    """
+    start, size = 0, 0
+    for index, message in enumerate(messages):
+        added = message_bytes(message)
+        if index > start and (index - start == MAX_BATCH or size + added > max_bytes):
+            yield range(start, index)
+            start, size = index, 0
+        size += added
+    if start < len(messages):
+        yield range(start, len(messages))
 
 
 def check_receive(max_messages: int, wait_seconds: float, visibility: int | None) -> None:

@@ -4,19 +4,26 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from ebsqs import MaxRetriesReachedException, SerializationError, producer, task
+from ebsqs.brokers import OutgoingMessage
+from ebsqs.brokers.checks import MAX_BATCH_BYTES, batch_ranges, message_bytes
 from ebsqs.brokers.memory import MemoryBroker
-from ebsqs.config import load_settings
+from ebsqs.brokers.sqs import SQSBroker
+from ebsqs.config import Settings, load_settings
 from ebsqs.eager import EagerTaskFailed
 from ebsqs.envelope import decode
-from ebsqs.errors import ConfigurationError, MessageTooLargeError
+from ebsqs.errors import ConfigurationError, MessageTooLargeError, PartialBatchError
+from ebsqs.executors.inline import InlineExecutor
 from ebsqs.producer import SendOptions
 from ebsqs.registry import TaskRegistry, registry
 from ebsqs.task import Task
+from ebsqs.worker import Worker, WorkerOptions
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -207,3 +214,156 @@ def test_send_uses_the_settings_it_is_given(
     assert "q" not in broker._queues or broker.stats("q").visible == 0
     [again] = producer.send_now(job, [job.call(4)], SendOptions(), settings=settings)
     assert decode(elsewhere.receive("p-q", 10, 0)[0].body).id == again
+
+
+def test_text_is_counted_in_utf8_bytes_so_150_kb_of_euros_fits(broker: MemoryBroker) -> None:
+    @task(queue_name="q")
+    def note(text: str) -> None: ...
+
+    note.delay("€" * 50_000)  # 150 KB of UTF-8; escaped as \u20ac it was 300 KB, refused
+    [message] = broker.receive("q", 10, 0)
+    assert decode(message.body).args == ("€" * 50_000,)
+    with pytest.raises(MessageTooLargeError, match=r"is 3\d{5} bytes, over the broker's limit"):
+        note.delay("€" * 100_000)
+
+
+def test_a_signed_delay_with_int_keys_runs_on_a_worker_with_the_key(
+    broker: MemoryBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signature covers the bytes sent, not the Python payload (int keys became strings)."""
+    monkeypatch.setenv("EBSQS_SIGNING_KEYS", "k-new, k-old")
+    runs: list[object] = []
+    own = TaskRegistry()
+
+    @task(queue_name="q", name="signed", registry=own)
+    def signed(mapping: dict[str, str]) -> None:
+        runs.append(mapping)
+
+    signed.delay({9: "x"})  # type: ignore[dict-item]
+    worker = Worker(
+        broker,
+        Settings(broker_url="memory://tasks", signing_key="k-new"),
+        InlineExecutor(registry=own),
+        WorkerOptions(queues=("q",), wait_seconds=0),
+        registry=own,
+    )
+    worker.start()
+    deadline = time.monotonic() + 5
+    while not runs and time.monotonic() < deadline:
+        worker.loop_once()
+    worker.drain(time.monotonic() + 5)
+    assert runs == [{"9": "x"}]
+    assert worker.counters.total("succeeded") == 1
+
+
+def test_signing_settings_read_a_key_list_and_an_age(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EBSQS_SIGNING_KEYS", "new, old,")
+    monkeypatch.setenv("EBSQS_SIGNATURE_MAX_AGE", "300")
+    settings = load_settings()
+    assert (settings.signing_keys, settings.signing_key) == (("new", "old"), "new")
+    assert settings.signature_max_age == 300.0
+    assert Settings(signing_key="only").signing_keys == ("only",)
+    assert Settings(signing_keys=["a", "b"]).signing_keys == ("a", "b")  # type: ignore[arg-type]
+    assert settings.replace(signing_keys="c").signing_key == "c"
+    assert settings.replace(signing_key="d").signing_keys == ("d",)
+    assert Settings().signing_keys == () and Settings().signing_key is None
+
+
+@pytest.mark.parametrize(
+    ("variables", "fragment"),
+    [
+        ({"EBSQS_SIGNING_KEYS": "a,b", "EBSQS_SIGNING_KEY": "c"}, "not one of signing_keys"),
+        ({"EBSQS_SIGNATURE_MAX_AGE": "0"}, r"signature_max_age must be seconds > 0, got 0.0"),
+        ({"EBSQS_SIGNATURE_MAX_AGE": "soon"}, r"SIGNATURE_MAX_AGE|signature_max_age.*float"),
+    ],
+)
+def test_bad_signing_settings_are_refused_by_name(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], fragment: str
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match=fragment):
+        load_settings()
+
+
+def test_batches_end_at_ten_entries_or_at_the_batch_byte_limit() -> None:
+    euros = [OutgoingMessage("€" * 40_000) for _ in range(10)]  # 120 KB each, 40,000 characters
+    assert [len(r) for r in batch_ranges(euros)] == [8, 2]  # 9 would be 1,080,000 bytes
+    small = [OutgoingMessage("x") for _ in range(25)]
+    assert [len(r) for r in batch_ranges(small)] == [10, 10, 5]
+    tagged = OutgoingMessage("x" * 1000, attributes={"ebsqs-error": "y" * 1000})
+    assert message_bytes(tagged) == 1000 + len("ebsqs-error") + len("String") + 1000
+    assert [len(r) for r in batch_ranges([tagged] * 3, max_bytes=4500)] == [2, 1]
+    assert [len(r) for r in batch_ranges([OutgoingMessage("x" * 2000)] * 2, 1000)] == [1, 1]
+    for ranges in (batch_ranges(euros), batch_ranges(small)):
+        assert sum(sum(message_bytes(euros[0]) for _ in r) <= MAX_BATCH_BYTES for r in ranges)
+
+
+@pytest.fixture
+def sqs_producer(sqs_env: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[SQSBroker]:
+    """The producer's SQS broker, talking to moto's server (fresh for this test)."""
+    monkeypatch.setenv("EBSQS_BROKER_URL", "sqs://")
+    producer.broker_for.cache_clear()
+    the_broker = producer.broker_for("sqs://")
+    assert isinstance(the_broker, SQSBroker)
+    yield the_broker
+    producer.broker_for.cache_clear()
+
+
+def received_all(the_broker: SQSBroker, queue: str) -> list[str]:
+    bodies: list[str] = []
+    while batch := the_broker.receive(queue, 10, 0):
+        bodies += [message.body for message in batch]
+    return bodies
+
+
+@pytest.mark.timeout(30)
+def test_delay_many_splits_batches_at_the_byte_limit_on_sqs(
+    sqs_producer: SQSBroker, unique_queue: Callable[..., str]
+) -> None:
+    """25 bodies of 110 KB: ten in one request would be 1.1 MB, which SQS refuses whole."""
+    queue = unique_queue()
+
+    @task(queue_name=queue)
+    def blob(i: int, data: str) -> None: ...
+
+    ids = blob.delay_many([blob.call(i, "x" * 110_000) for i in range(25)])
+    got = [decode(body) for body in received_all(sqs_producer, queue)]
+    assert sorted(e.args[0] for e in got) == list(range(25))
+    assert sorted(e.id for e in got) == sorted(ids)
+
+
+@pytest.mark.timeout(30)
+def test_a_permanent_failure_names_the_callers_index_and_task_id_and_nothing_is_resent(
+    sqs_producer: SQSBroker, unique_queue: Callable[..., str]
+) -> None:
+    queue = unique_queue()
+    requested: list[str] = []
+
+    def spoil(params: dict[str, Any], **_: object) -> None:
+        # A real per-entry refusal from the server: moto fails just that entry's DelaySeconds.
+        for entry in params["Entries"]:
+            requested.append(entry["MessageBody"])
+            if '"poison"' in entry["MessageBody"]:
+                entry["DelaySeconds"] = 901
+
+    sqs_producer.client.meta.events.register("before-parameter-build.sqs.SendMessageBatch", spoil)
+
+    @task(queue_name=queue)
+    def item(i: int, tag: str = "") -> None: ...
+
+    calls = [
+        item.call(
+            i,
+            "poison" if i == 13 else "",
+        )
+        for i in range(25)
+    ]
+    calls = [replace(call, task_id=f"task-{i}") for i, call in enumerate(calls)]
+    with pytest.raises(PartialBatchError, match=r"1 of 25 failed \(#13: task task-13: ") as error:
+        item.delay_many(calls)
+    assert set(error.value.failed) == {13} and "DelaySeconds" in error.value.failed[13]
+    assert sorted(error.value.succeeded) == [i for i in range(25) if i != 13]
+    got = [decode(body) for body in received_all(sqs_producer, queue)]
+    assert sorted(e.id for e in got) == sorted(f"task-{i}" for i in range(25) if i != 13)
+    assert len(requested) == len(set(requested)) == 25  # every body went out exactly once
