@@ -36,6 +36,14 @@ NOOP = ledger_tasks.noop
 SLEEP = ledger_tasks.sleep
 POISON = ledger_tasks.poison
 HOG = ledger_tasks.hog
+#: Messages a worker may hold beyond what runs (one receive batch), and the most finished
+#: tasks one crash may leave undeleted: the bound on extra runs per kill.
+BATCH = 10
+
+
+def keys(prefix: str, count: int) -> list[str]:
+    """``count`` ledger keys: ``prefix0000``, ``prefix0001``..."""
+    return [f"{prefix}{i:04}" for i in range(count)]
 
 
 class EbsqsProcess(WorkerProcess):

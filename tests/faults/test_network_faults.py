@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 
 from ebsqs.ops.status import StatusError, check_health, read_status
-from tests.faults.harness import SLEEP, Rig
+from tests.faults.harness import BATCH, SLEEP, Rig, keys
 from tests.faults.proxy import INTERNAL_ERROR, KMS_THROTTLED, OVER_LIMIT, THROTTLED, SqsError
 from tests.integration.processes import run_ebsqs
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.fauxqs
-
-#: Messages one worker may hold beyond what runs (one receive batch).
-BATCH = 10
-
-
-def keys(prefix: str, count: int) -> list[str]:
-    return [f"{prefix}{i:04}" for i in range(count)]
 
 
 @pytest.mark.timeout(60)

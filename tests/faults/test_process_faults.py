@@ -13,26 +13,28 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.harness import APP, HOG, POISON, SLEEP, EbsqsProcess, Rig, key_of
+from tests.faults.harness import (
+    APP,
+    BATCH,
+    HOG,
+    POISON,
+    SLEEP,
+    EbsqsProcess,
+    Rig,
+    key_of,
+    keys,
+)
 from tests.fixtures import ledger_tasks
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.fauxqs
 
-#: Messages a worker may hold beyond what runs (one receive batch): each kill may repeat at most
-#: this many finished tasks whose deletes had not gone out yet.
-BATCH = 10
 
-
-def keys(prefix: str, count: int) -> list[str]:
-    return [f"{prefix}{i:04}" for i in range(count)]
-
-
-def replace_child(rig: Rig, victim: int, sup: object, workers: int) -> None:
+def replace_child(rig: Rig, victim: int, sup: EbsqsProcess, workers: int) -> None:
     """SIGKILL ``victim`` and wait until the master has ``workers`` children again without it."""
     os.kill(victim, signal.SIGKILL)
     wait_until(
-        lambda: victim not in sup.children() and len(sup.children()) == workers,  # type: ignore[attr-defined]
+        lambda: victim not in sup.children() and len(sup.children()) == workers,
         10,
         message=rig.describe,
     )
