@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+import re
+from pathlib import Path
+
 import pytest
 from django.core import checks
 from django.test import override_settings
 
 from ebsqs.brokers.memory import MemoryBroker
-from ebsqs.config import load_settings
+from ebsqs.config import Settings, load_settings
+from ebsqs.contrib.django import conf
 from ebsqs.contrib.django.checks import check_ebsqs
 from ebsqs.errors import ConfigurationError
 
@@ -140,11 +145,61 @@ def test_check_sqs_without_region(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_checks_warn_about_django_eb_sqs_traps() -> None:
-    # A django-eb-sqs settings file as it was: pickle on, no prefix, no region, no EBSQS.
-    with override_settings(EBSQS=None, EB_SQS_USE_PICKLE=True, EB_SQS_DEFAULT_QUEUE="jobs"):
+    # A django-eb-sqs settings file as it was: pickle on, no default queue, no region, no EBSQS.
+    with override_settings(EBSQS=None, EB_SQS_USE_PICKLE=True, EB_SQS_AUTO_ADD_QUEUE=True):
         found = check_ebsqs()
     assert _ids(found) == ["ebsqs.W002", "ebsqs.W003", "ebsqs.W004"]
     assert "EB_SQS_USE_PICKLE" in next(m.msg for m in found if m.id == "ebsqs.W002")
+    w003 = next(m for m in found if m.id == "ebsqs.W003")
+    assert "EB_SQS_DEFAULT_QUEUE is not set" in w003.msg
+    assert "'eb-sqs-default'" in w003.msg and "'default'" in w003.msg
+    assert w003.hint == "Set EB_SQS_DEFAULT_QUEUE = 'eb-sqs-default' to keep using the same queues."
+    w004 = next(m for m in found if m.id == "ebsqs.W004")
+    assert "us-east-1" in (w004.hint or "")
+
+
+@pytest.mark.parametrize(
+    "named",
+    [
+        {"EB_SQS_DEFAULT_QUEUE": "eb-sqs-default"},
+        {"EB_SQS_DEFAULT_QUEUE": "default"},  # a deliberate choice, even of ebsqs's default
+        {"EBSQS": {"default_queue": "jobs"}},
+    ],
+    ids=["old name", "old name, new default", "EBSQS"],
+)
+def test_a_default_queue_named_anywhere_silences_w003(named: dict[str, object]) -> None:
+    with override_settings(**{"EBSQS": None, "EB_AWS_REGION": "eu-west-1", **named}):
+        assert _ids(check_ebsqs()) == []
+
+
+def test_a_default_queue_from_the_environment_silences_w003(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EBSQS_DEFAULT_QUEUE", "eb-sqs-default")
+    with override_settings(EBSQS=None, EB_AWS_REGION="eu-west-1"):
+        assert _ids(check_ebsqs()) == []
+
+
+def test_no_warning_about_the_prefix_whose_default_did_not_change() -> None:
+    # django-eb-sqs 1.44's prefix defaulted to '', as ebsqs's does: nothing to keep.
+    assert conf.LEGACY_DEFAULTS["EB_SQS_QUEUE_PREFIX"] == Settings().queue_prefix == ""
+    with override_settings(EBSQS=None, EB_AWS_REGION="eu-west-1", EB_SQS_DEFAULT_QUEUE="q"):
+        found = check_ebsqs()
+    assert found == []
+    assert "EB_SQS_QUEUE_PREFIX" not in " ".join(f"{m.msg} {m.hint}" for m in found)
+
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+DEFAULT_CELL = re.compile(r"^\| `(EB_[A-Z_]+)` \(`([^`]+)`\)", re.MULTILINE)
+
+
+def test_the_migration_guide_states_django_eb_sqs_s_real_defaults() -> None:
+    text = README.read_text()
+    section = text[
+        text.index("## Moving from django-eb-sqs") : text.index("### Supported versions")
+    ]
+    stated = {name: ast.literal_eval(value) for name, value in DEFAULT_CELL.findall(section)}
+    assert stated == conf.LEGACY_DEFAULTS
 
 
 def test_checks_are_registered_with_django() -> None:

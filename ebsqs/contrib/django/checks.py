@@ -11,10 +11,12 @@ Warnings (it works, but probably not as intended):
 
 - ``ebsqs.W001`` pickled bodies are accepted: anyone who can send to a queue can run code.
 - ``ebsqs.W002`` django-eb-sqs settings that mean nothing in ebsqs.
-- ``ebsqs.W003`` django-eb-sqs settings without ``EB_SQS_QUEUE_PREFIX``: django-eb-sqs's
-  default prefix was ``eb-sqs-``, ebsqs's is empty, so the queue names changed.
+- ``ebsqs.W003`` django-eb-sqs settings, and a queue-naming setting left to a default that
+  changed: django-eb-sqs 1.44 sent tasks that name no queue to ``eb-sqs-default``, ebsqs sends
+  them to ``default`` (its prefix was empty, as ebsqs's is). See ``conf.LEGACY_DEFAULTS``.
 - ``ebsqs.W004`` django-eb-sqs settings but no broker configured: ebsqs would use its embedded
-  SQLite broker, not SQS as django-eb-sqs did.
+  SQLite broker, not SQS (in ``us-east-1`` unless ``EB_AWS_REGION`` said otherwise) as
+  django-eb-sqs did.
 """
 
 from __future__ import annotations
@@ -115,27 +117,43 @@ def _legacy_warnings(loaded: Settings | None) -> list[checks.CheckMessage]:
         for name in in_use
         if name in conf.OBSOLETE
     ]
-    configured = _configured_ebsqs(settings)
-    if "EB_SQS_QUEUE_PREFIX" not in in_use and "queue_prefix" not in configured:
-        messages.append(
-            checks.Warning(
-                "django-eb-sqs settings are present but no queue prefix is set: django-eb-sqs "
-                "prefixed queue names with 'eb-sqs-' by default, ebsqs does not",
-                hint="Set EB_SQS_QUEUE_PREFIX = 'eb-sqs-' to keep using the same queues.",
-                id="ebsqs.W003",
-            )
-        )
+    messages += _changed_queue_names(in_use, _configured_ebsqs(settings), loaded)
     if loaded is not None and loaded.broker_url == DEFAULT_BROKER_URL:
+        region = conf.LEGACY_DEFAULTS[conf.LEGACY_REGION]
         messages.append(
             checks.Warning(
                 "django-eb-sqs settings are present but no broker is configured: ebsqs would use "
                 f"its embedded SQLite broker ({DEFAULT_BROKER_URL}), not SQS",
-                hint="Set EB_AWS_REGION (django-eb-sqs used us-east-1) or "
+                hint=f"Set EB_AWS_REGION (django-eb-sqs used {region} unless it was set) or "
                 "EBSQS = {'broker_url': 'sqs://'}.",
                 id="ebsqs.W004",
             )
         )
     return messages
+
+
+def _changed_queue_names(
+    in_use: list[str], configured: dict[str, Any], loaded: Settings | None
+) -> list[checks.CheckMessage]:
+    """``ebsqs.W003``: a queue-naming setting that django-eb-sqs and ebsqs default differently,
+    set nowhere (not by its old name, in ``EBSQS``, or in the environment)."""
+    found: list[checks.CheckMessage] = []
+    defaults = Settings()
+    for name in conf.QUEUE_NAMING:
+        field, _ = conf.LEGACY[name]
+        theirs, ours = conf.LEGACY_DEFAULTS[name], getattr(defaults, field)
+        now = getattr(loaded, field) if loaded is not None else ours
+        if theirs == ours or name in in_use or field in configured or now != ours:
+            continue
+        found.append(
+            checks.Warning(
+                f"django-eb-sqs settings are present but {name} is not set: django-eb-sqs 1.44 "
+                f"used {theirs!r} by default, ebsqs uses {ours!r}, so the queue names changed",
+                hint=f"Set {name} = {theirs!r} to keep using the same queues.",
+                id="ebsqs.W003",
+            )
+        )
+    return found
 
 
 def _configured_ebsqs(settings: Any) -> dict[str, Any]:

@@ -32,6 +32,25 @@ DJANGO_ONLY: dict[str, Any] = {"send_on_commit": False, "retry_database_errors":
 #: django-eb-sqs's region setting: it always talked to SQS, in this region (us-east-1 by default).
 LEGACY_REGION = "EB_AWS_REGION"
 
+#: What a project that never set them got from django-eb-sqs 1.44 (its ``eb_sqs/settings.py``),
+#: for the checks (``ebsqs.W003``, ``ebsqs.W004``) and the migration guide, whose table the tests
+#: compare with this. Not applied: ebsqs's own defaults hold unless a setting names another.
+LEGACY_DEFAULTS: dict[str, Any] = {
+    LEGACY_REGION: "us-east-1",
+    "EB_SQS_QUEUE_PREFIX": "",
+    "EB_SQS_DEFAULT_QUEUE": "eb-sqs-default",
+    "EB_SQS_DEFAULT_DELAY": 0,
+    "EB_SQS_DEFAULT_MAX_RETRIES": 0,
+    "EB_SQS_AUTO_ADD_QUEUE": False,
+    "EB_SQS_EXECUTE_INLINE": False,
+    "EB_SQS_WAIT_TIME_S": 2,
+    "EB_SQS_QUEUE_VISIBILITY_TIMEOUT": 300,  # the string "300" there
+}
+
+#: The django-eb-sqs names that decide where messages go: one left to its default there and to
+#: a different default here sends to (or reads from) another queue than before the move.
+QUEUE_NAMING = ("EB_SQS_QUEUE_PREFIX", "EB_SQS_DEFAULT_QUEUE")
+
 
 def _attempts_to_retries(value: Any) -> int:
     """django-eb-sqs's ``max_retries`` counted attempts (3 meant three runs); ebsqs's counts
