@@ -59,6 +59,7 @@ _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 #: A JSON string, or an unterminated one up to the end: every match attempt succeeds at once,
 #: so removing strings stays linear whatever the body holds.
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\[\s\S]?[^"\\]*)*(?:"|\Z)')
+_LONG_DIGITS = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1}}}")
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _BRACKET_DEPTH = {"[": 1, "{": 1, "]": -1, "}": -1}
 
@@ -324,17 +325,22 @@ def _bounded_text(body: str | bytes, max_bytes: int) -> str:
     # Characters never outnumber bytes: the cheap test first, then the exact count.
     if len(body) > max_bytes:
         raise EnvelopeError(f"body is over {max_bytes} bytes ({len(body)} characters): refused")
-    found = _SURROGATE.search(body)
+    if not body.isascii():  # ASCII (most bodies) has no surrogates and a byte per character
+        _refuse_raw_surrogate(body)
+        size = len(body.encode())
+        if size > max_bytes:
+            raise EnvelopeError(f"body is {size} bytes, over the limit of {max_bytes}: refused")
+    _check_depth(body)
+    return body
+
+
+def _refuse_raw_surrogate(text: str) -> None:
+    found = _SURROGATE.search(text)
     if found:
         raise EnvelopeError(
             f"body holds a lone surrogate (U+{ord(found.group()):04X}) at character "
             f"{found.start()}: not valid Unicode text"
         )
-    size = len(body) if body.isascii() else len(body.encode())
-    if size > max_bytes:
-        raise EnvelopeError(f"body is {size} bytes, over the limit of {max_bytes}: refused")
-    _check_depth(body)
-    return body
 
 
 def _check_depth(text: str) -> None:
@@ -352,8 +358,9 @@ def _check_depth(text: str) -> None:
 
 def _parse(text: str) -> dict[str, Any]:
     """The JSON object ``text`` holds (size and depth already checked)."""
+    decoder = _INT_CHECKING_DECODER if _LONG_DIGITS.search(text) else _DECODER
     try:
-        payload = _DECODER.decode(text)
+        payload = decoder.decode(text)
     except ValueError as exc:
         raise EnvelopeError(f"body is not JSON ({_short(exc)})") from None
     if not isinstance(payload, dict):
@@ -395,7 +402,10 @@ def _json_constant(name: str) -> float:
     raise EnvelopeError(f"body holds {name}, which is not JSON and not a number ebsqs sends")
 
 
-_DECODER = json.JSONDecoder(
+_DECODER = json.JSONDecoder(parse_float=_json_float, parse_constant=_json_constant)
+#: Checks every integer literal too: a Python call per integer, so only for bodies that hold a
+#: run of digits too long for one (:data:`_LONG_DIGITS`).
+_INT_CHECKING_DECODER = json.JSONDecoder(
     parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant
 )
 
