@@ -316,6 +316,8 @@ def decode(
 def _bounded_text(body: str | bytes, max_bytes: int) -> str:
     """The body as valid text within ``max_bytes`` and :data:`MAX_DEPTH`, not yet parsed."""
     if isinstance(body, bytes):
+        if len(body) > max_bytes:
+            raise EnvelopeError(f"body is {len(body)} bytes, over the limit of {max_bytes}")
         try:
             body = body.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -324,12 +326,12 @@ def _bounded_text(body: str | bytes, max_bytes: int) -> str:
         raise EnvelopeError(f"body is {type(body).__name__}, not text")
     # Characters never outnumber bytes: the cheap test first, then the exact count.
     if len(body) > max_bytes:
-        raise EnvelopeError(f"body is over {max_bytes} bytes ({len(body)} characters): refused")
+        raise EnvelopeError(f"body is over {max_bytes} bytes ({len(body)} characters)")
     if not body.isascii():  # ASCII (most bodies) has no surrogates and a byte per character
         _refuse_raw_surrogate(body)
         size = len(body.encode())
         if size > max_bytes:
-            raise EnvelopeError(f"body is {size} bytes, over the limit of {max_bytes}: refused")
+            raise EnvelopeError(f"body is {size} bytes, over the limit of {max_bytes}")
     _check_depth(body)
     return body
 

@@ -226,3 +226,9 @@ def test_one_hostile_body_in_a_batch_of_ten_is_dead_lettered_alone() -> None:
     assert letter.attributes["ebsqs-error-type"] == "EnvelopeError"
     assert "100002 levels deep, over the limit of 100" in letter.attributes["ebsqs-error"]
     assert broker.stats("q") == broker.stats("q").__class__("q", 0, 0, 0)
+
+
+def test_bytes_bodies_are_capped_before_they_are_decoded() -> None:
+    with pytest.raises(EnvelopeError, match="body is 2000000 bytes, over the limit of 1048576"):
+        decode(b"x" * 2_000_000)
+    assert decode(encode(Envelope(task="t", args=("é",))).encode()).args == ("é",)
