@@ -295,8 +295,9 @@ def test_batches_end_at_ten_entries_or_at_the_batch_byte_limit() -> None:
     assert message_bytes(tagged) == 1000 + len("ebsqs-error") + len("String") + 1000
     assert [len(r) for r in batch_ranges([tagged] * 3, max_bytes=4500)] == [2, 1]
     assert [len(r) for r in batch_ranges([OutgoingMessage("x" * 2000)] * 2, 1000)] == [1, 1]
-    for ranges in (batch_ranges(euros), batch_ranges(small)):
-        assert sum(sum(message_bytes(euros[0]) for _ in r) <= MAX_BATCH_BYTES for r in ranges)
+    for messages in (euros, small):
+        for batch in batch_ranges(messages):
+            assert sum(message_bytes(messages[i]) for i in batch) <= MAX_BATCH_BYTES
 
 
 @pytest.fixture
