@@ -67,6 +67,21 @@ def test_process_queue_reports_supervisor_usage_errors() -> None:
         call_command("process_queue", "--queues", "a", "--workers", "0")
 
 
+def test_process_queue_refuses_a_soft_time_limit_over_the_hard_one() -> None:
+    with pytest.raises(CommandError, match=r"the soft limit \(90 s\) is over the hard limit"):
+        call_command(
+            "process_queue", "--queues", "a", "--time-limit", "60", "--soft-time-limit", "90"
+        )
+
+
+def test_process_queue_refuses_an_unwritable_pidfile(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(CommandError, match=r"cannot write .*: Not a directory"):
+        call_command("process_queue", "--queues", "a", "--pidfile", str(blocker / "m.pid"))
+    assert blocker.read_text() == ""
+
+
 def test_process_queue_prefix_entry_matching_nothing_is_a_command_error() -> None:
     with pytest.raises(CommandError, match="no queue matches 'prefix:nothing-'"):
         call_command("process_queue", "--queues", "a, prefix:nothing-")
