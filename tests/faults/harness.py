@@ -36,6 +36,7 @@ NOOP = ledger_tasks.noop
 SLEEP = ledger_tasks.sleep
 POISON = ledger_tasks.poison
 HOG = ledger_tasks.hog
+LEAK = ledger_tasks.leak
 #: Messages a worker may hold beyond what runs (one receive batch), and the most finished
 #: tasks one crash may leave undeleted: the bound on extra runs per kill.
 BATCH = 10

@@ -20,6 +20,8 @@ Faults:
 - *blackhole*: connections are accepted and requests read, but nothing is forwarded or answered
   until the blackhole ends; then the connection is closed unanswered (what a client sees after a
   partition heals, unless its read timeout fired first).
+- *answer*: answer an operation with a JSON body of the test's making (batch entries that
+  fail as only real SQS makes them fail), never forwarding it.
 - *inject*: answer an operation with an SQS error (JSON body with ``__type``, and the
   ``x-amzn-query-error`` header SQS adds for query-compatible clients), never forwarding it.
 - *drop*: forward the request (``forward=True``: the server acts, the client never hears, a lost
@@ -43,9 +45,11 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
@@ -63,6 +67,9 @@ LOOPBACK = "127.0.0.1"
 UPSTREAM_TIMEOUT = 40.0
 #: How often waiting threads look again at the faults and at the stop flag.
 TICK = 0.02
+
+#: Builds a response's JSON from a request's JSON (see :meth:`ChaosProxy.answer`).
+Responder = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class _Rule:
     until: float | None
     error: SqsError | None = None
     forward: bool = True
+    respond: Responder | None = None
 
     def fires(self, operation: str, now: float, rng: random.Random) -> bool:
         """Whether this request is hit; counts it against ``remaining`` when it is."""
@@ -130,6 +138,7 @@ class _Verdict:
     """What to do with one request."""
 
     error: SqsError | None = None
+    respond: Responder | None = None
     drop: bool = False
     forward_before_drop: bool = True
     delay: float = 0.0
@@ -198,7 +207,7 @@ class _Faults:
             for rule in self._errors:
                 if rule.fires(operation, now, self._rng):
                     self.faulted[operation] += 1
-                    return _Verdict(error=rule.error, delay=delay)
+                    return _Verdict(error=rule.error, respond=rule.respond, delay=delay)
             for rule in self._drops:
                 if rule.fires(operation, now, self._rng):
                     self.faulted[operation] += 1
@@ -236,12 +245,18 @@ class _Handler(BaseHTTPRequestHandler):
             proxy.stopped.wait(verdict.delay)
         if verdict.error is not None:
             return self._answer_error(verdict.error)
+        if verdict.respond is not None:
+            return self._answer(200, json.dumps(verdict.respond(json.loads(body))).encode())
         if verdict.drop and not verdict.forward_before_drop:
             return self._reset()
+        return self._pass_on(operation, body, verdict)
+
+    def _pass_on(self, operation: str, body: bytes, verdict: _Verdict) -> None:
+        """Forward the request and relay the answer (held or dropped as ``verdict`` says)."""
         status, headers, answer = self._forward(body)
-        proxy.faults.count_answer(operation)
+        self.server.faults.count_answer(operation)
         if verdict.hold:
-            proxy.stopped.wait(verdict.hold)
+            self.server.stopped.wait(verdict.hold)
         if verdict.drop:
             return self._reset()  # the server acted; the client never hears
         self.send_response(status)
@@ -289,10 +304,14 @@ class _Handler(BaseHTTPRequestHandler):
                 watched = [upstream.sock]  # it sent more (never with boto3): stop watching it
 
     def _answer_error(self, error: SqsError) -> None:
-        answer = error.body()
-        self.send_response(error.status)
+        self._answer(error.status, error.body(), {"x-amzn-query-error": error.query_error()})
+
+    def _answer(self, status: int, answer: bytes, headers: dict[str, str] | None = None) -> None:
+        """Answer in the proxy's own name, as SQS's JSON protocol does."""
+        self.send_response(status)
         self.send_header("Content-Type", "application/x-amz-json-1.0")
-        self.send_header("x-amzn-query-error", error.query_error())
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("x-amzn-RequestId", str(uuid.uuid4()))
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
@@ -370,6 +389,28 @@ class ChaosProxy:
             seconds: stop after this long (None: until :meth:`clear`).
         """
         self.faults.add("error", self._rule(operation, rate, count, seconds, error=error))
+
+    def answer(
+        self,
+        operation: str | None,
+        respond: Responder,
+        *,
+        rate: float = 1.0,
+        count: int | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """Answer ``operation`` with ``respond(request)`` (HTTP 200), never forwarding it.
+
+        For answers only a real SQS gives, such as batch entries failing with
+        ``ReceiptHandleIsInvalid``.
+
+        Args:
+            respond: maps the request's JSON to the response's JSON.
+            rate, count, seconds: as for :meth:`inject`.
+        """
+        rule = self._rule(operation, rate, count, seconds)
+        rule.respond = respond
+        self.faults.add("error", rule)
 
     def drop(
         self,

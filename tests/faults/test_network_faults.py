@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -157,3 +158,32 @@ def test_a_worker_whose_receives_all_fail_is_reported_unhealthy(rig: Rig) -> Non
     wait_until(lambda: healthy(status_file), 20, message=sup.describe)
     rig.send(keys("h", 5))
     rig.wait_settled(15)
+
+
+def dead_receipts(request: dict[str, Any]) -> dict[str, Any]:
+    """SQS's answer to a visibility change for a message received anew since."""
+    failed = [
+        {
+            "Id": entry["Id"],
+            "Code": "ReceiptHandleIsInvalid",
+            "SenderFault": True,
+            "Message": "The receipt handle has expired.",
+        }
+        for entry in request["Entries"]
+    ]
+    return {"Successful": [], "Failed": failed}
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_receipt_is_not_extended_again(rig: Rig) -> None:
+    """Issue item 16.9: after ``ReceiptHandleIsInvalid`` the keeper stops extending that
+    message and says so once; the task still finishes."""
+    rig.create()
+    rig.proxy.answer("ChangeMessageVisibilityBatch", dead_receipts)
+    sup = rig.start("supervise", "--workers", "1", "--visibility-timeout", "2")
+    rig.send(["dead"], task=SLEEP, seconds=5)
+    rig.wait_settled(20)
+
+    assert rig.proxy.faulted["ChangeMessageVisibilityBatch"] == 1, rig.describe()
+    assert len(sup.events("message_visibility_lost")) == 1
+    assert rig.ledger.finished()["dead"] >= 1 and not rig.lost()

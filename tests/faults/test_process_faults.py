@@ -17,6 +17,7 @@ from tests.faults.harness import (
     APP,
     BATCH,
     HOG,
+    LEAK,
     POISON,
     SLEEP,
     EbsqsProcess,
@@ -282,3 +283,48 @@ def test_tasks_run_while_every_log_write_fails(rig: Rig) -> None:
         assert sup.process.poll() is None, "the supervisor died of its log output"
         sup.signal(signal.SIGTERM)
         assert sup.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_leaking_child_is_recycled_within_one_task_of_its_memory_limit(rig: Rig) -> None:
+    """Issue item 10.5: the child checks its own memory after each task, so it never passes
+    ``--max-memory-per-child`` by more than one task's growth (not 2.5 times, as observed)."""
+    rig.create()
+    limit, growth = 150, 20
+    sup = rig.start("supervise", "--workers", "1", "--max-memory-per-child", str(limit))
+    rig.send(keys("l", 20), task=LEAK, mib=growth)
+    rig.wait_settled(30)
+
+    exceeded = sup.events("child_memory_exceeded")
+    assert exceeded, "no child reached the limit: the test leaked too little"
+    assert max(event["rss_mib"] for event in exceeded) <= limit + growth, exceeded
+    assert not rig.lost() and not rig.ledger.duplicates()
+    assert len({entry.pid for entry in rig.ledger.entries("finish")}) >= 2, "never recycled"
+
+
+@pytest.mark.timeout(60)
+def test_a_child_whose_loop_stalls_is_replaced(rig: Rig) -> None:
+    """Issue item 10.7: a loop frozen outside any task (its other threads alive, heartbeats
+    flowing) is not healthy forever: the master replaces the child after the heartbeat
+    timeout, and the message it held runs elsewhere."""
+    rig.create()
+    timeout = 3
+    sup = rig.start(
+        "supervise",
+        "--workers",
+        "1",
+        "--heartbeat-timeout",
+        str(timeout),
+        "--visibility-timeout",
+        "2",
+        **{ledger_tasks.CRASH_ENV: "stall:s0000"},
+    )
+    wait_until(lambda: len(sup.children()) == 1, 15, message=rig.describe)
+    [frozen] = sup.children()
+    rig.send(keys("s", 3))
+
+    wait_until(lambda: frozen not in sup.children(), timeout + 6, message=rig.describe)
+    rig.wait_settled(20)
+    [killed] = [e for e in sup.events("child_killed") if e["pid"] == frozen][:1]
+    assert "no progress" in killed["reason"]
+    assert not rig.lost() and not rig.dead_letters.keys()

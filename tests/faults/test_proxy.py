@@ -160,3 +160,21 @@ def test_it_stops_by_itself_and_only_forwards_to_loopback(fauxqs_server: str) ->
     with pytest.raises(EndpointConnectionError):
         client(short.endpoint).list_queues()
     wait_until(lambda: not short.serving(), 5, message="the proxy's thread still runs")
+
+
+def test_an_answer_of_the_tests_making_is_never_forwarded(
+    proxy: ChaosProxy, sqs: Any, queue_url: str
+) -> None:
+    seen: list[dict[str, Any]] = []
+
+    def respond(request: dict[str, Any]) -> dict[str, Any]:
+        seen.append(request)
+        return {"Attributes": {"VisibilityTimeout": "4242"}}
+
+    proxy.answer("GetQueueAttributes", respond, count=1)
+    got = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["VisibilityTimeout"])
+    assert got["Attributes"] == {"VisibilityTimeout": "4242"}
+    assert seen[0]["QueueUrl"] == queue_url
+    real = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["VisibilityTimeout"])
+    assert real["Attributes"]["VisibilityTimeout"] == "30"
+    assert proxy.answered["GetQueueAttributes"] == 1  # only the second reached the server
