@@ -335,8 +335,9 @@ class Worker:
         try:
             envelope = decode(
                 held.message.body,
-                signing_key=self.settings.signing_key,
+                signing_key=self.settings.signing_keys,
                 accept_pickle=self.settings.accept_pickle,
+                max_signature_age=self.settings.signature_max_age,
             )
             task = self.registry.get(envelope.task)
         except EnvelopeError as exc:

@@ -661,3 +661,31 @@ def test_a_worker_will_not_start_without_a_dead_letter_queue_it_may_not_create(
     )
     with pytest.raises(ConfigurationError, match=r"no dead-letter queue 'q-dlq'.*queues create q"):
         worker.start()
+
+
+def test_the_worker_verifies_with_every_rotated_key_and_refuses_old_signatures(
+    broker: MemoryBroker, reg: TaskRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task(name="ok", registry=reg)(lambda: runs.append(("ok", None)))
+    old_key_body = encode(Envelope(task="ok"), signing_key="old")
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 3600)
+    stale_body = encode(Envelope(task="ok"), signing_key="new")
+    monkeypatch.undo()
+    put(broker, old_key_body, stale_body)
+    settings = Settings(
+        broker_url="memory://unused", signing_keys=("new", "old"), signature_max_age=600
+    )
+    worker = Worker(
+        broker,
+        settings,
+        InlineExecutor(registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=0),
+        registry=reg,
+    )
+    worker.start()
+    steps(worker, 2)
+    worker.drain()
+    assert runs == [("ok", None)]  # signed with the retired key, still accepted
+    [letter] = dead_letters(broker)
+    assert letter["ebsqs-reason"] == "rejected" and "signature_max_age" in letter["ebsqs-error"]
