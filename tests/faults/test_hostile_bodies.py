@@ -10,7 +10,7 @@ import pytest
 
 from ebsqs.brokers import OutgoingMessage
 from ebsqs.envelope import Envelope, encode
-from tests.faults.harness import NOOP, Rig
+from tests.faults.harness import NOOP, POISON, Rig
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.fauxqs
@@ -57,3 +57,29 @@ def test_each_hostile_body_is_dead_lettered_and_its_batch_runs(rig: Rig) -> None
     assert sorted(letter.body for letter in letters) == sorted(HOSTILE.values())
     assert all(letter.attributes.get("ebsqs-reason") for letter in letters)
     assert not sup.events("child_exited"), "a hostile body crashed a child"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue item 16.6: the worker holds what it sends to 256 KiB, so a 600 KB body a "
+    "1 MiB queue accepted can be neither retried (retry_send_failed) nor dead-lettered: it "
+    "loops until the queue's redrive policy",
+)
+def test_a_body_larger_than_256_kib_that_sqs_accepted_can_be_dead_lettered(rig: Rig) -> None:
+    """Issue item 16.6: a queue whose ``MaximumMessageSize`` is 1 MiB accepts 600 KB bodies;
+    a failing one runs its three attempts and reaches the dead-letter queue, never looping."""
+    rig.create(max_receive_count=100)  # the redrive policy must not do ebsqs's work
+    client = rig.broker.client
+    for name in (rig.queue, f"{rig.queue}-dlq"):
+        url = client.get_queue_url(QueueName=name)["QueueUrl"]
+        client.set_queue_attributes(QueueUrl=url, Attributes={"MaximumMessageSize": "1048576"})
+    body = encode(Envelope(task=POISON.name, args=("big", "x" * 600_000), max_retries=2))
+    client.send_message(
+        QueueUrl=client.get_queue_url(QueueName=rig.queue)["QueueUrl"], MessageBody=body
+    )
+    sup = rig.start("supervise", "--workers", "1", "--visibility-timeout", "3")
+
+    wait_until(lambda: rig.dead_letters.keys() == {"big"}, 10, message=rig.describe)
+    assert [e.attempt for e in rig.ledger.entries("start")] == [1, 2, 3]
+    assert not sup.events("dead_letter_failed")
