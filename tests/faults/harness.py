@@ -37,6 +37,7 @@ SLEEP = ledger_tasks.sleep
 POISON = ledger_tasks.poison
 HOG = ledger_tasks.hog
 LEAK = ledger_tasks.leak
+LIMITED = ledger_tasks.limited
 #: Messages a worker may hold beyond what runs (one receive batch), and the most finished
 #: tasks one crash may leave undeleted: the bound on extra runs per kill.
 BATCH = 10

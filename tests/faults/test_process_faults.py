@@ -18,6 +18,7 @@ from tests.faults.harness import (
     BATCH,
     HOG,
     LEAK,
+    LIMITED,
     POISON,
     SLEEP,
     EbsqsProcess,
@@ -328,3 +329,27 @@ def test_a_child_whose_loop_stalls_is_replaced(rig: Rig) -> None:
     [killed] = [e for e in sup.events("child_killed") if e["pid"] == frozen][:1]
     assert "no progress" in killed["reason"]
     assert not rig.lost() and not rig.dead_letters.keys()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("step", ["+3600", "-3600"])
+def test_a_wall_clock_step_during_a_task_changes_nothing(rig: Rig, step: str) -> None:
+    """Issue item 16.3: deadlines and visibility run on the monotonic clock. A +1 h step must
+    not make a healthy task overrun its 20-second limit; a -1 h step must not stop the
+    extensions of its 2-second visibility, so it starts once, not again elsewhere."""
+    rig.create()
+    sup = rig.start(
+        "supervise",
+        "--workers",
+        "2",
+        "--visibility-timeout",
+        "2",
+        **{ledger_tasks.CRASH_ENV: f"clock:{step}:w0000"},
+    )
+    rig.send(["w0000"], task=LIMITED, seconds=5)
+    rig.wait_settled(20)
+
+    assert rig.ledger.started() == {"w0000": 1}, rig.describe()
+    assert rig.ledger.finished() == {"w0000": 1}
+    assert not rig.dead_letters.keys() and not sup.events("task_overran")
+    assert not sup.events("child_killed")
