@@ -207,7 +207,7 @@ class Soak:
         return self._report()
 
     def _interval(self) -> float:
-        return self.options.kill_every * self.random.uniform(0.5, 1.5)
+        return float(self.options.kill_every) * self.random.uniform(0.5, 1.5)
 
     def _settle(self, life: MasterLife) -> None:
         """Wait for every message to finish or be dead-lettered, sampling the master."""

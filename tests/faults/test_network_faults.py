@@ -181,7 +181,7 @@ def test_a_dead_receipt_is_not_extended_again(rig: Rig) -> None:
     rig.create()
     rig.proxy.answer("ChangeMessageVisibilityBatch", dead_receipts)
     sup = rig.start("supervise", "--workers", "1", "--visibility-timeout", "2")
-    rig.send(["dead"], task=SLEEP, seconds=5)
+    rig.send(["dead"], task=SLEEP, seconds=3)
     rig.wait_settled(20)
 
     assert rig.proxy.faulted["ChangeMessageVisibilityBatch"] == 1, rig.describe()

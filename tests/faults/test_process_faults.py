@@ -346,7 +346,7 @@ def test_a_wall_clock_step_during_a_task_changes_nothing(rig: Rig, step: str) ->
         "2",
         **{ledger_tasks.CRASH_ENV: f"clock:{step}:w0000"},
     )
-    rig.send(["w0000"], task=LIMITED, seconds=5)
+    rig.send(["w0000"], task=LIMITED, seconds=4)
     rig.wait_settled(20)
 
     assert rig.ledger.started() == {"w0000": 1}, rig.describe()
