@@ -71,6 +71,10 @@ class EbsqsProcess(WorkerProcess):
         self.pid = self.process.pid
 
     def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Kill what is left of the process group and close the log."""
         self.kill_all()
         self._log.close()
 
@@ -245,4 +249,4 @@ class Rig:
 
     def close(self) -> None:
         for process in self.started:
-            process.__exit__(None, None, None)
+            process.close()

@@ -169,6 +169,11 @@ class _Faults:
         with self._lock:
             (self._hold if after else self._latency)[operation] = seconds
 
+    def counts(self, name: str) -> Counter[str]:
+        """A copy of one of the counters (``requests``, ``faulted``, ``answered``)."""
+        with self._lock:
+            return Counter(getattr(self, name))
+
     def count_answer(self, operation: str) -> None:
         with self._lock:
             self.answered[operation] += 1
@@ -361,14 +366,12 @@ class ChaosProxy:
     @property
     def requests(self) -> Counter[str]:
         """Requests seen per operation (a copy)."""
-        with self.faults._lock:
-            return Counter(self.faults.requests)
+        return self.faults.counts("requests")
 
     @property
     def faulted(self) -> Counter[str]:
-        """Requests per operation that got an injected error or were dropped (a copy)."""
-        with self.faults._lock:
-            return Counter(self.faults.faulted)
+        """Requests per operation that got an injected error or answer, or were dropped."""
+        return self.faults.counts("faulted")
 
     def inject(
         self,
@@ -456,8 +459,7 @@ class ChaosProxy:
     @property
     def answered(self) -> Counter[str]:
         """Answers the server gave per operation (a copy), counted before any hold or drop."""
-        with self.faults._lock:
-            return Counter(self.faults.answered)
+        return self.faults.counts("answered")
 
     def refuse(self, seconds: float) -> None:
         """Refuse connections for ``seconds``."""
