@@ -127,7 +127,8 @@ SIGNED: list[tuple[str, str, str]] = [
     (
         "expired",
         signed_at(time.time() - 3600),
-        r"signed 36\d\d s ago, over signature_max_age \(300 s\)",
+        # Built at import: a long run reaches this test minutes later, so only the floor holds.
+        r"signed (3[6-9]\d\d|[4-9]\d\d\d) s ago, over signature_max_age \(300 s\)",
     ),
     ("no signing time", sign(v1(), KEY), r"no signing time \('signed_at'\)"),
     ("signing time text", sign(v1(signed_at='"now"'), KEY), "no signing time"),
