@@ -4,7 +4,8 @@
 
     python -m tests.faults.soak --messages 10000 --duration 300
 
-A producer spreads ``--messages`` no-op tasks over most of ``--duration``; meanwhile a random
+A producer spreads ``--messages`` no-op tasks over most of ``--duration``, in bursts of
+``--burst``; meanwhile a random
 child is SIGKILLed every ``--kill-every`` seconds (on average), and every ``--master-every``-th
 kill hits the master instead, after which its orphaned children drain and a new supervisor is
 started. When everything was sent, the kills stop and the queue settles. It prints:
@@ -163,12 +164,17 @@ class Soak:
         return life
 
     def produce(self) -> None:
-        """Send every message, in batches of ten, spread over 80 % of the duration."""
-        batches = (self.options.messages + 9) // 10
-        pause = self.options.duration * 0.8 / max(batches, 1)
-        for number in range(batches):
-            first = number * 10
-            count = min(10, self.options.messages - first)
+        """Send every message in bursts of ``--burst``, spread over 80 % of the duration.
+
+        Bursts, not a trickle: kills then land while children hold full batches, which is
+        where a crash can repeat finished work.
+        """
+        burst = max(self.options.burst, 1)
+        bursts = (self.options.messages + burst - 1) // burst
+        pause = self.options.duration * 0.8 / max(bursts, 1)
+        for number in range(bursts):
+            first = number * burst
+            count = min(burst, self.options.messages - first)
             self.rig.send([f"s{first + i:06}" for i in range(count)], task=NOOP)
             time.sleep(pause)  # pacing the producer, not waiting for anything
         self.sent_all.set()
@@ -236,6 +242,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--messages", type=int, default=10000, help="tasks to send (10000)")
     parser.add_argument("--duration", type=float, default=300, help="seconds of kills (300)")
     parser.add_argument("--workers", type=int, default=4, help="children (4)")
+    parser.add_argument("--burst", type=int, default=200, help="messages per send burst (200)")
     parser.add_argument("--kill-every", type=float, default=3.0, help="mean seconds per kill")
     parser.add_argument(
         "--master-every", type=int, default=5, help="every Nth kill hits the master (0: never)"
