@@ -94,8 +94,11 @@ def test_lost_acks_repeat_work_and_lose_nothing(rig: Rig, forward: bool) -> None
     never heard; its retries find them gone. Either way nothing is lost.
     """
     rig.create()
-    rig.proxy.drop("DeleteMessageBatch", forward=forward, seconds=5)
     worker = rig.start("worker", "--visibility-timeout", "2")
+    # The window opens once the worker is up (a slow start must not use it up), just before
+    # the work arrives.
+    wait_until(lambda: worker.events("worker_started"), 15, message=rig.describe)
+    rig.proxy.drop("DeleteMessageBatch", forward=forward, seconds=5)
     rig.send(keys("a", 10))
     rig.wait_settled(25)
     assert rig.proxy.faulted["DeleteMessageBatch"] > 0
