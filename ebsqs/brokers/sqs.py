@@ -100,6 +100,7 @@ _THROTTLED = frozenset(
         "ThrottlingException",
         "Throttling",
         "KmsThrottled",
+        "KMS.ThrottlingException",  # SQS's name for its KMS key being throttled
         "RequestLimitExceeded",
     }
 )

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from ebsqs.brokers.sqs import SQSBroker
-from ebsqs.errors import BrokerError, BrokerUnavailable
+from ebsqs.errors import BrokerUnavailable
 from ebsqs.ops.status import StatusError, check_health, read_status
 from tests.faults.harness import BATCH, SLEEP, Rig, keys
 from tests.faults.proxy import INTERNAL_ERROR, KMS_THROTTLED, OVER_LIMIT, THROTTLED, SqsError
@@ -195,13 +195,6 @@ def test_a_dead_receipt_is_not_extended_again(rig: Rig) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    raises=BrokerError,
-    reason="SQS's KMS throttling reads as KMS.ThrottlingException (the x-amzn-query-error code "
-    "botocore reports for SQS), which the SQS broker's throttle codes (_THROTTLED) miss: it "
-    "raises a plain BrokerError, not the BrokerUnavailable its docstring promises for throttling",
-)
 def test_kms_throttling_reads_as_a_throttle(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
     """A throttle is a throttle whichever protocol's name it comes under (issue item 16.8)."""
     rig.create()
