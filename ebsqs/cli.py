@@ -265,6 +265,7 @@ def worker(
             wait_seconds=settings.wait_seconds,
             visibility_timeout=settings.visibility_timeout,
             max_tasks=max_tasks,
+            ack_wait=settings.ack_wait,
         ),
     )
     install_stop_signals(the_worker)

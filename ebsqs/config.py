@@ -56,6 +56,8 @@ class Settings:
         log_arguments: include task arguments in log lines (off: they may hold personal data).
         backoff_base: first retry delay in seconds (doubled each attempt, full jitter).
         backoff_cap: the longest retry delay in seconds.
+        ack_wait: the longest a finished message's delete waits to fill a batch of ten, in
+            seconds: a crash repeats at most the work finished in that time.
         time_limit: default hard limit of tasks that set none: seconds (``"300"``), or per
             queue (``"emails=60,reports=600"``; ``*=`` for the other queues); empty for none.
         soft_time_limit: default soft limit, in the same form.
@@ -80,6 +82,7 @@ class Settings:
     log_arguments: bool = False
     backoff_base: float = 1.0
     backoff_cap: float = 3600.0
+    ack_wait: float = 0.1
     time_limit: str = ""
     soft_time_limit: str = ""
 
@@ -90,6 +93,10 @@ class Settings:
         # Both fields always agree, so code that reads the one-key form signs and checks too.
         object.__setattr__(self, "signing_keys", keys)
         object.__setattr__(self, "signing_key", keys[0] if keys else None)
+        if not 0 <= self.ack_wait <= 10:
+            raise ConfigurationError(
+                f"ack_wait must be seconds from 0 to 10, got {self.ack_wait!r}"
+            )
         if self.signature_max_age is not None and not self.signature_max_age > 0:
             raise ConfigurationError(
                 f"signature_max_age must be seconds > 0, got {self.signature_max_age!r}; "

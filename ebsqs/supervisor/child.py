@@ -179,6 +179,7 @@ class Child:
                 visibility_timeout=settings.visibility_timeout,
                 max_tasks=self.spec.max_tasks,
                 heartbeat=self.heartbeat,
+                ack_wait=settings.ack_wait,
             ),
         )
 

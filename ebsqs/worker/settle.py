@@ -39,14 +39,18 @@ log = structlog.get_logger(__name__)
 DEFAULT_ACK_WAIT = 0.1
 
 #: Dead-letter copies carry why they are there in these message attributes.
-REASON, ERROR_TYPE, ERROR, ATTEMPTS, SOURCE, TASK = (
+REASON, ERROR_TYPE, ERROR, ATTEMPTS, SOURCE, TASK, TRACEBACK = (
     "ebsqs-reason",
     "ebsqs-error-type",
     "ebsqs-error",
     "ebsqs-attempts",
     "ebsqs-source-queue",
     "ebsqs-task",
+    "ebsqs-traceback",
 )
+#: Characters of each dead-letter attribute kept (the traceback's last ones, where it failed).
+ATTRIBUTE_CHARS = 1000
+TRACEBACK_CHARS = 4000
 
 
 class Settler:
@@ -136,6 +140,7 @@ class Settler:
             reason=reason,
             error_type=outcome.error_type,
             error=outcome.error,
+            traceback=outcome.traceback,
             **fields,
         )
         return self.dead_letter(
@@ -146,6 +151,7 @@ class Settler:
                 ERROR: outcome.error or "",
                 ATTEMPTS: str(envelope.attempt),
                 TASK: envelope.task,
+                TRACEBACK: (outcome.traceback or "")[-TRACEBACK_CHARS:],
             },
         )
 
@@ -232,7 +238,11 @@ class Settler:
         """Copy a message to its queue's dead-letter queue; True once the copy is sent."""
         queue = self.settings.dead_letter_queue_of_physical(message.queue)
         attributes = {REASON: reason, SOURCE: message.queue, **details}
-        attributes = {key: value[:1000] for key, value in attributes.items() if value}
+        attributes = {
+            key: value if key == TRACEBACK else value[:ATTRIBUTE_CHARS]
+            for key, value in attributes.items()
+            if value
+        }
         try:
             with self.io():
                 send_messages(

@@ -689,3 +689,25 @@ def test_the_worker_verifies_with_every_rotated_key_and_refuses_old_signatures(
     assert runs == [("ok", None)]  # signed with the retired key, still accepted
     [letter] = dead_letters(broker)
     assert letter["ebsqs-reason"] == "rejected" and "signature_max_age" in letter["ebsqs-error"]
+
+
+def test_a_failure_logs_its_traceback_and_its_dead_letter_carries_the_end_of_it(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    def deep() -> None:
+        try:
+            raise KeyError("why: " + "x" * 3000)  # a long cause: over one attribute's 1000
+        except KeyError as exc:
+            raise ValueError("the bottom") from exc
+
+    task(name="deep", registry=reg)(deep)
+    put(broker, body("deep"))
+    worker = make_worker(broker, reg)
+    with capture_logs() as logs:
+        worker.loop_once()
+    worker.drain()
+    [failed] = [e for e in logs if e["event"] == "task_failed"]
+    assert "Traceback" in failed["traceback"] and "ValueError: the bottom" in failed["traceback"]
+    [letter] = dead_letters(broker)
+    trace = letter["ebsqs-traceback"]
+    assert trace.rstrip().endswith("ValueError: the bottom") and 1000 < len(trace) <= 4000
