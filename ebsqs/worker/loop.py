@@ -328,7 +328,8 @@ class Worker:
             counters.kms_errors += 1
         delay = RECEIVE_BACKOFF.delay(self._receive_failures)
         log.error("receive_failed", queue=queue, error=text, retry_in=round(delay, 3))
-        self._stopping.wait(delay)
+        with self._pulse.blocked():  # backing off up to 30 s is waiting on the broker, not a stall
+            self._stopping.wait(delay)
 
     def _accept(self, held: Held) -> None:
         """Decode and check one message; keep it if it can run, else dead-letter or hop it."""

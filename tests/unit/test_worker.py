@@ -711,3 +711,18 @@ def test_a_failure_logs_its_traceback_and_its_dead_letter_carries_the_end_of_it(
     [letter] = dead_letters(broker)
     trace = letter["ebsqs-traceback"]
     assert trace.rstrip().endswith("ValueError: the bottom") and 1000 < len(trace) <= 4000
+
+
+def test_backing_off_after_a_failed_receive_is_not_a_stalled_loop(
+    reg: TaskRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = FailingBroker()
+    put(broker)
+    worker = make_worker(broker, reg)  # type: ignore[arg-type]
+    ages: list[float | None] = []
+    monkeypatch.setattr(
+        worker._stopping, "wait", lambda t: ages.append(worker.status().loop_age) or False
+    )
+    worker.loop_once()
+    assert ages == [None]
+    worker.drain()
