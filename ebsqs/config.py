@@ -123,6 +123,11 @@ class Settings:
             return f"{name[: -len('.fifo')]}{self.dead_letter_suffix}.fifo"
         return f"{name}{self.dead_letter_suffix}"
 
+    def is_dead_letter_queue(self, name: str) -> bool:
+        """Whether a broker-side queue name is some queue's dead-letter queue (by its suffix)."""
+        base = name[: -len(".fifo")] if name.endswith(".fifo") else name
+        return bool(self.dead_letter_suffix) and base.endswith(self.dead_letter_suffix)
+
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (unknown names are an error)."""
         changes = _coerce_all(changes, origin="override")

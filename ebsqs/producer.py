@@ -282,8 +282,16 @@ def _send_failed(
 
 
 def ensure_queue(broker: Broker, settings: Settings, queue: str) -> None:
-    """Create a (physical) queue with its dead-letter queue and redrive policy."""
-    dead_letter = settings.dead_letter_queue_of_physical(queue)
+    """Create a (physical) queue with its dead-letter queue and redrive policy.
+
+    A dead-letter queue itself (``q-dlq``, created when a dead letter is first sent) gets none:
+    dead letters wait there for a person, and ``q-dlq-dlq`` would only hide them one level down.
+    """
+    dead_letter = (
+        None
+        if settings.is_dead_letter_queue(queue)
+        else settings.dead_letter_queue_of_physical(queue)
+    )
     broker.ensure_queue(
         queue,
         QueueSettings(

@@ -368,3 +368,18 @@ def test_a_permanent_failure_names_the_callers_index_and_task_id_and_nothing_is_
     got = [decode(body) for body in received_all(sqs_producer, queue)]
     assert sorted(e.id for e in got) == sorted(f"task-{i}" for i in range(25) if i != 13)
     assert len(requested) == len(set(requested)) == 25  # every body went out exactly once
+
+
+def test_a_dead_letter_queue_created_on_demand_gets_no_dead_letter_queue_of_its_own() -> None:
+    from ebsqs.brokers.memory import MemoryBroker
+    from ebsqs.config import Settings
+    from ebsqs.producer import ensure_queue
+
+    broker = MemoryBroker()
+    settings = Settings(broker_url="memory://unused")
+    ensure_queue(broker, settings, "jobs-dlq")
+    ensure_queue(broker, settings, "orders-dlq.fifo")
+    assert sorted(broker.list_queues("")) == ["jobs-dlq", "orders-dlq.fifo"]
+    ensure_queue(broker, settings, "jobs")
+    assert sorted(broker.list_queues("")) == ["jobs", "jobs-dlq", "orders-dlq.fifo"]
+    assert settings.is_dead_letter_queue("a-dlq") and not settings.is_dead_letter_queue("a")
