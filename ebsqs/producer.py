@@ -19,8 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-import structlog
-
 from ebsqs import middleware
 from ebsqs.brokers import MAX_DELAY_SECONDS, Broker, OutgoingMessage, from_url
 from ebsqs.brokers.base import QueueSettings
@@ -29,8 +27,6 @@ from ebsqs.config import Settings, load_settings
 from ebsqs.eager import run_eagerly
 from ebsqs.envelope import Envelope, encode, new_id
 from ebsqs.errors import BrokerError, MessageTooLargeError, PartialBatchError, QueueDoesNotExist
-
-log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,7 +297,11 @@ def ensure_queue(broker: Broker, settings: Settings, queue: str) -> None:
             fifo=queue.endswith(".fifo"),
         ),
     )
-    log.info("queue_ensured", queue=queue, dead_letter_queue=dead_letter)
+    # structlog is imported here, not at the top: `import ebsqs` (a web process that only calls
+    # .delay()) loads no logging library, and queues are created rarely.
+    import structlog
+
+    structlog.get_logger(__name__).info("queue_ensured", queue=queue, dead_letter_queue=dead_letter)
 
 
 def _first(*values: Any) -> Any:

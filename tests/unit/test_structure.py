@@ -153,4 +153,5 @@ def test_importing_the_cli_does_not_import_the_supervisor_or_psutil() -> None:
 
 def test_importing_ebsqs_imports_no_client_library() -> None:
     loaded = _modules_after("import ebsqs")
-    assert not {name.split(".")[0] for name in loaded} & {"boto3", "botocore", "django", "psutil"}
+    tops = {name.split(".")[0] for name in loaded}
+    assert not tops & {"boto3", "botocore", "django", "psutil", "structlog"}
