@@ -36,10 +36,6 @@ class Capabilities:
         """Whether this executor stops ``job`` itself once it overruns its hard limit."""
         return self.hard_limit_async if job.is_async else self.hard_limit_sync
 
-    def enforces_soft_limit(self, job: Job) -> bool:
-        """Whether ``job``'s soft limit interrupts it under this executor."""
-        return self.soft_limit_async if job.is_async else self.soft_limit_sync
-
 
 @runtime_checkable
 class Executor(Protocol):

@@ -99,6 +99,7 @@ class Child:
         self._stop_requested: int | None = None
         self._master_gone = threading.Event()
         self._process: psutil.Process | None = None
+        self._rss = 0
         self._title_state = ""
 
     # -- after the fork --------------------------------------------------------------------
@@ -212,12 +213,17 @@ class Child:
     # -- heartbeats (keeper thread, and the main thread at boot and exit) -------------------
 
     def heartbeat(self, status: WorkerStatus, final: bool = False) -> None:
-        """Child side, about once a second from the worker's keeper thread: report to the
+        """Child side, about once a second from the worker's heartbeat thread: report to the
         master, and notice when the master is gone (the parent-pid check backs up the
         parent-death signal, which not every platform has). ``final``: the last words, with
-        every task's stats even when they take several beats."""
+        every task's stats even when they take several beats. A brief status (from the loop's
+        thread, before a task with a hard limit) sends one beat without per-task stats and
+        with the last memory reading."""
         assert self._process is not None
-        rss = self._process.memory_info().rss
+        if status.brief:
+            self._send(Beat.brief(os.getpid(), status, self._rss))
+            return
+        rss = self._rss = self._process.memory_info().rss
         status.counters.log_dropped = log.dropped_lines()
         beats = Beat.parts(os.getpid(), status, rss, -1 if final else None)
         sent = all([self._send(beat) for beat in beats])
@@ -231,7 +237,7 @@ class Child:
 
     def _on_master_gone(self) -> None:
         """The master died: drain and exit, as on SIGTERM (the handler runs in the loop's
-        thread, so a long poll is cut short)."""
+        thread), bounded by the graceful timeout."""
         if self._master_gone.is_set():
             return
         self._master_gone.set()

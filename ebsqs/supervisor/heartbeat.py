@@ -101,6 +101,12 @@ class Beat:
         return [dataclasses.replace(base, tasks=chunks[index])]
 
     @classmethod
+    def brief(cls, pid: int, status: WorkerStatus, rss: int) -> Beat:
+        """A beat without per-task stats (the master keeps the ones it has): cheap enough for
+        the loop's thread to send before every task with a hard limit."""
+        return cls._without_tasks(pid, status, rss)
+
+    @classmethod
     def _without_tasks(cls, pid: int, status: WorkerStatus, rss: int) -> Beat:
         current = _current(status.running)
         deadline = current.deadline if current else None

@@ -58,6 +58,7 @@ class WorkerStatus:
     counters: Counters
     at: float  # time.monotonic(), like the running tasks' times
     loop_age: float | None = None  # seconds since the loop progressed; None while it blocks
+    brief: bool = False  # only the state and running tasks are news: per-task stats may wait
 
 
 @dataclass

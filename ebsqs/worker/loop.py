@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import cycle
 
 import structlog
@@ -376,8 +376,9 @@ class Worker:
             self.state = WorkerState.BUSY
             if held.deadline is not None:
                 # Tell the master the deadline from this thread, before the task starts: a task
-                # that holds the GIL silences every other thread, heartbeats included.
-                self._beat_now()
+                # that holds the GIL silences every other thread, heartbeats included. Brief:
+                # this is on the path of every task with a limit.
+                self._beat_now(brief=True)
             if self._runs_here:
                 with self._pulse.blocked():
                     self.executor.submit(held.job)
@@ -439,7 +440,8 @@ class Worker:
             self._pulse.age(),
         )
 
-    def _beat_now(self) -> None:
+    def _beat_now(self, brief: bool = False) -> None:
         """Send a heartbeat now (from the heartbeat thread, or the loop's before a task)."""
         if self.options.heartbeat is not None:
-            self.options.heartbeat(self.status())
+            status = self.status()
+            self.options.heartbeat(replace(status, brief=True) if brief else status)
