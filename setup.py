@@ -28,8 +28,10 @@ setup(
             "django-tasks>=0.8",
             "psycopg[binary]>=3.1",
             "setproctitle>=1.3",
+            # AWS's own claim-check client: large payloads must travel both ways with it.
+            "amazon-sqs-extended-client>=1.0",
         ],
-        "dev": ["ruff>=0.6", "mypy>=1.11", "boto3-stubs[sqs]", "django-stubs"],
+        "dev": ["ruff>=0.6", "mypy>=1.11", "boto3-stubs[sqs,s3]", "django-stubs"],
     },
     entry_points={
         "console_scripts": ["ebsqs = ebsqs.cli:run_cli"],

@@ -61,6 +61,17 @@ class Settings:
         time_limit: default hard limit of tasks that set none: seconds (``"300"``), or per
             queue (``"emails=60,reports=600"``; ``*=`` for the other queues); empty for none.
         soft_time_limit: default soft limit, in the same form.
+        large_payload_bucket: an S3 bucket: bodies over ``large_payload_over`` are written
+            there and a pointer is sent instead (the SQS Extended Client's format). None: a body
+            over the queue's limit is refused at ``.delay()``.
+        large_payload_over: bytes past which a body goes through S3; None means the queue's own
+            limit (``MaximumMessageSize``), so only what SQS would refuse pays for S3.
+        large_payload_prefix: the S3 key prefix of offloaded payloads (a lifecycle rule on it
+            is the backstop for objects whose messages were never settled).
+        compress_over: bytes past which a body is zlib-compressed before the limits above are
+            checked; None (the default) never compresses. Every ebsqs worker reads both forms.
+        max_payload_bytes: the largest payload a worker fetches from S3 or inflates, in bytes;
+            larger ones are dead-lettered unread (a hostile pointer or a zip bomb).
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -85,6 +96,11 @@ class Settings:
     ack_wait: float = 0.1
     time_limit: str = ""
     soft_time_limit: str = ""
+    large_payload_bucket: str | None = None
+    large_payload_over: int | None = None
+    large_payload_prefix: str = "ebsqs-payloads/"
+    compress_over: int | None = None
+    max_payload_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         queue_limits(self.time_limit, "time_limit")

@@ -54,13 +54,17 @@ class SerializationError(EbsqsError, TypeError):
 class MessageTooLargeError(EbsqsError, ValueError):
     """An encoded body larger than the broker accepts, raised at ``.delay()``."""
 
-    def __init__(self, size: int, limit: int, task_name: str) -> None:
+    def __init__(
+        self, size: int, limit: int, task_name: str, source: str = "the broker's limit"
+    ) -> None:
         super().__init__(
-            f"message for task {task_name!r} is {size} bytes, over the broker's limit of "
-            f"{limit} bytes; pass a reference (an S3 key, a database id) instead of the data"
+            f"message for task {task_name!r} is {size} bytes, over the limit of {limit} bytes "
+            f"({source}); set EBSQS large_payload_bucket to send it through S3, or pass a "
+            "reference (an S3 key, a database id) instead of the data"
         )
         self.size = size
         self.limit = limit
+        self.source = source
 
 
 class UnknownTaskError(EnvelopeError):

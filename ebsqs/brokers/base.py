@@ -17,7 +17,20 @@ MAX_BATCH = 10
 MAX_DELAY_SECONDS = 900
 MAX_VISIBILITY_SECONDS = 12 * 60 * 60
 MAX_WAIT_SECONDS = 20
-DEFAULT_MAX_BODY_BYTES = 256 * 1024
+#: SQS's largest message (body and attributes) since August 2025, and its default for new queues.
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+#: SQS's deduplication interval on FIFO queues.
+DEDUP_WINDOW_SECONDS = 300
+
+#: Message attributes a receive returns even with ``metadata=False``: the claim-check pointer's
+#: size (AWS's SQS Extended Client writes the first, its older versions the second) and what
+#: ebsqs signs an offloaded payload with. Every other attribute is fetched only with metadata.
+WORKER_ATTRIBUTES = (
+    "ExtendedPayloadSize",
+    "SQSLargePayloadSize",
+    "ebsqs-payload-sha256",
+    "ebsqs-payload-signature",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,21 +40,29 @@ class OutgoingMessage:
     Attributes:
         body: the message body (text).
         delay: seconds before it becomes visible, 0..900.
-        attributes: string message attributes (dead-letter reasons travel here).
-        group_id: FIFO message group (FIFO queues only).
-        dedup_id: FIFO deduplication id (FIFO queues only).
+        attributes: message attributes (dead-letter reasons travel here): a ``str`` is sent as
+            SQS data type ``String``, an ``int`` as ``Number``.
+        group_id: the message group: on a FIFO queue its order and exclusivity group; on a
+            standard queue the tenant of SQS's fair queues.
+        dedup_id: FIFO deduplication id (FIFO queues only): SQS drops a later send with the
+            same id within five minutes.
     """
 
     body: str
     delay: int = 0
-    attributes: Mapping[str, str] = field(default_factory=dict)
+    attributes: Mapping[str, str | int] = field(default_factory=dict)
     group_id: str | None = None
     dedup_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ReceivedMessage:
-    """One received message, with the handle needed to ack it or change its visibility."""
+    """One received message, with the handle needed to ack it or change its visibility.
+
+    ``group_id``, ``dedup_id`` and ``receive_count`` are returned by every receive (with or
+    without metadata); ``attributes`` holds every message attribute with metadata, and only
+    :data:`WORKER_ATTRIBUTES` without (``Number`` attributes arrive as their text).
+    """
 
     queue: str
     message_id: str
@@ -50,6 +71,8 @@ class ReceivedMessage:
     receive_count: int = 1
     attributes: Mapping[str, str] = field(default_factory=dict)
     sent_at: float | None = None
+    group_id: str | None = None
+    dedup_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,13 +83,25 @@ class QueueSettings:
         visibility_timeout: default seconds a received message stays invisible.
         dead_letter_queue: name of the queue poison messages move to (created too), or None.
         max_receive_count: receives after which the broker moves a message to the DLQ.
-        fifo: create a FIFO queue (the name must end in ``.fifo``).
+        fifo: create a FIFO queue (the name must end in ``.fifo``); its dead-letter queue is
+            FIFO too.
+        max_body_bytes: the largest message the queue takes (SQS's ``MaximumMessageSize``);
+            the dead-letter queue gets the same.
     """
 
     visibility_timeout: int = 30
     dead_letter_queue: str | None = None
     max_receive_count: int = 10
     fifo: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class BodyLimit:
+    """The largest message a queue takes, and where that number comes from (for errors)."""
+
+    bytes: int
+    source: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +128,16 @@ class Broker(Protocol):
     group ``ebsqs.brokers`` with its scheme as the name.
     """
 
-    #: The largest body (in UTF-8 bytes) the broker accepts.
+    #: The largest body (in UTF-8 bytes) the broker accepts on any queue.
     max_body_bytes: int
+
+    def body_limit(self, queue: str) -> BodyLimit:
+        """The largest message (body and attributes, UTF-8 bytes) ``queue`` takes.
+
+        SQS reads the queue's ``MaximumMessageSize`` (once, cached with its URL); the embedded
+        brokers answer their own limit. A missing queue answers the broker-wide limit.
+        """
+        ...
 
     def send(self, queue: str, message: OutgoingMessage) -> str:
         """Send one message; return its message id."""
@@ -115,9 +158,13 @@ class Broker(Protocol):
     ) -> list[ReceivedMessage]:
         """Receive up to ``max_messages`` (1..10), waiting up to ``wait_seconds`` for one.
 
-        ``metadata=False`` lets a broker skip fetching message attributes, the receive count
-        and the sent time (the worker loop needs none of them, and on SQS they cost about 5 %
-        of a no-op task's CPU); brokers that have them for free may return them anyway.
+        ``metadata=False`` lets a broker skip fetching message attributes other than
+        :data:`WORKER_ATTRIBUTES`, and the sent time (the worker loop needs none of them, and on
+        SQS they cost about 5 % of a no-op task's CPU); brokers that have them for free may
+        return them anyway. The group, deduplication id and receive count always come back.
+
+        A FIFO queue hands out a message group only while none of its messages is in flight,
+        and a group's messages in order.
         """
         ...
 
