@@ -76,11 +76,14 @@ def free_port() -> int:
 def sqs_env_vars(endpoint: str) -> dict[str, str]:
     """The environment that points boto3 (and ``ebsqs``) at a local SQS server.
 
+    S3 (large payloads) goes to the same endpoint: fauxqs and moto serve both there.
+
     Args:
         endpoint: the server's URL, e.g. ``http://127.0.0.1:40123``.
     """
     return {
         "AWS_ENDPOINT_URL_SQS": endpoint,
+        "AWS_ENDPOINT_URL_S3": endpoint,
         "AWS_DEFAULT_REGION": REGION,
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",
