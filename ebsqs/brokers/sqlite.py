@@ -33,17 +33,26 @@ Differences from SQS, deliberate:
       12-hour cap counted from the first receive.
     - A message due for redrive whose dead-letter queue was deleted is dropped, with a
       ``message_dropped`` warning (as the memory broker does).
+    - Each queue keeps the size limit it was created with (``QueueSettings.max_body_bytes``,
+      SQS's ``MaximumMessageSize``), capped by the broker's ``max_body_bytes``; any value is
+      taken (SQS takes 1 KiB to 1 MiB). A message's size counts its attributes, as on SQS.
+    - Message attributes are kept as text: an ``int`` (an SQS ``Number``) comes back as its
+      decimal text, as SQS returns it.
 
 FIFO queues, the supported subset:
-    - Queue names must end in ``.fifo``; sends need a ``group_id``; per-message delays are
-      refused (SQS refuses them on FIFO queues too).
+    - Queue names must end in ``.fifo`` (and only FIFO queues' may); sends need a
+      ``group_id``; per-message delays are refused (SQS refuses them on FIFO queues too).
     - Within a group, messages are delivered one at a time in send order: the next one is
       delivered only after the previous one was deleted or moved to the dead-letter queue. A
       receive therefore returns at most one message per group (SQS can return several).
     - ``dedup_id`` deduplicates for five minutes after the first send, returning the first
-      message's id. Content-based deduplication is not supported: without a ``dedup_id`` every
-      send is a new message.
+      message's id. A send without one deduplicates on the SHA-256 of its body, as SQS does
+      on the queues ebsqs creates (with content-based deduplication), and that hash is the
+      ``dedup_id`` the message is received with.
     - Throughput modes and high-throughput FIFO limits are not modelled.
+
+Standard queues keep a message's ``group_id`` (the tenant of SQS's fair queues) and return it
+on receive; fairness between tenants is not modelled.
 """
 
 from __future__ import annotations
@@ -62,13 +71,22 @@ from typing import NamedTuple
 import structlog
 
 from ebsqs.brokers.base import (
+    DEDUP_WINDOW_SECONDS,
     DEFAULT_MAX_BODY_BYTES,
+    BodyLimit,
     OutgoingMessage,
     QueueSettings,
     QueueStats,
     ReceivedMessage,
 )
-from ebsqs.brokers.checks import check_batch, check_message, check_receive
+from ebsqs.brokers.checks import (
+    check_batch,
+    check_fifo_names,
+    check_messages,
+    check_receive,
+    content_dedup_id,
+    embedded_body_limit,
+)
 from ebsqs.errors import (
     BrokerDamaged,
     BrokerError,
@@ -80,23 +98,23 @@ from ebsqs.errors import (
 log = structlog.get_logger(__name__)
 
 #: Bumped whenever the tables change; stored in ``PRAGMA user_version``.
-SCHEMA_VERSION = 1
+#: 2: ``queues.max_body_bytes``.
+SCHEMA_VERSION = 2
 #: How long a statement waits for another process's write lock before giving up.
 BUSY_TIMEOUT_SECONDS = 30.0
-#: SQS's FIFO deduplication interval.
-DEDUP_WINDOW_SECONDS = 300
 _POLL_FIRST_SECONDS = 0.01
 _POLL_MAX_SECONDS = 0.1
 _STALE_RECEIPT = "receipt handle is no longer valid"
 
 _SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS queues (
+    f"""CREATE TABLE IF NOT EXISTS queues (
         name TEXT PRIMARY KEY,
         visibility_timeout INTEGER NOT NULL,
         dead_letter_queue TEXT,
         max_receive_count INTEGER NOT NULL,
         fifo INTEGER NOT NULL DEFAULT 0,
-        created_at REAL NOT NULL
+        created_at REAL NOT NULL,
+        max_body_bytes INTEGER NOT NULL DEFAULT {DEFAULT_MAX_BODY_BYTES}
     )""",
     """CREATE TABLE IF NOT EXISTS messages (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -123,11 +141,21 @@ _SCHEMA = (
         PRIMARY KEY (queue, dedup_id)
     )""",
 )
+#: What turns each older schema into the current one (the tables above are created first, so
+#: only columns added to existing tables need a statement here).
+_MIGRATIONS = {
+    1: (
+        "ALTER TABLE queues ADD COLUMN max_body_bytes INTEGER NOT NULL "
+        f"DEFAULT {DEFAULT_MAX_BODY_BYTES}",
+    ),
+}
 
 _INSERT = """INSERT INTO messages
     (id, queue, body, attributes, visible_at, sent_at, delayed, group_id, dedup_id)
     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"""
-_READY_COLUMNS = "seq, id, body, attributes, receive_count, sent_at FROM messages"
+_READY_COLUMNS = (
+    "seq, id, body, attributes, receive_count, sent_at, group_id, dedup_id FROM messages"
+)
 _READY = f"""SELECT {_READY_COLUMNS}
     WHERE queue = ? AND visible_at <= ? ORDER BY visible_at, seq LIMIT ?"""
 # A FIFO group is served through its oldest message only: while that one is in flight (or
@@ -137,6 +165,10 @@ _READY_FIFO = f"""SELECT {_READY_COLUMNS}
         SELECT MIN(g.seq) FROM messages AS g
         WHERE g.queue = messages.queue AND g.group_id = messages.group_id))
     ORDER BY visible_at, seq LIMIT ?"""
+_INSERT_QUEUE = """INSERT OR IGNORE INTO queues
+    (name, visibility_timeout, dead_letter_queue, max_receive_count, fifo, created_at,
+    max_body_bytes)
+    VALUES (?, ?, ?, ?, ?, ?, ?)"""
 _PROBE = """SELECT EXISTS (SELECT 1 FROM queues WHERE name = ?),
     EXISTS (SELECT 1 FROM messages WHERE queue = ? AND visible_at <= ?)"""
 _CLAIM = """UPDATE messages
@@ -154,6 +186,7 @@ class _Queue:
     dead_letter_queue: str | None
     max_receive_count: int
     fifo: bool
+    max_body_bytes: int
 
     def is_poison(self, receive_count: int) -> bool:
         """Whether a message received this often moves to the dead-letter queue instead."""
@@ -167,6 +200,8 @@ class _Ready(NamedTuple):
     attributes: str
     receive_count: int
     sent_at: float
+    group_id: str | None
+    dedup_id: str | None
 
 
 class SQLiteBroker:
@@ -175,7 +210,8 @@ class SQLiteBroker:
     Args:
         path: the database file; relative paths are resolved now, against the current
             directory. Its directory is created if missing.
-        max_body_bytes: the largest body accepted, in UTF-8 bytes (SQS's 256 KiB by default).
+        max_body_bytes: the largest message accepted on any queue, in UTF-8 bytes (SQS's
+            1 MiB by default); each queue's own limit is set by ``ensure_queue``.
         clock: seconds since the epoch; tests inject a fake one to drive delays and visibility.
 
     Nothing is opened here: each process and thread opens its own connection on first use.
@@ -307,13 +343,20 @@ class SQLiteBroker:
                 )
             for statement in _SCHEMA:
                 conn.execute(statement)
+            if version > 0:
+                # An older file: CREATE ... IF NOT EXISTS kept its tables; add what they lack.
+                for old in range(version, SCHEMA_VERSION):
+                    for statement in _MIGRATIONS[old]:
+                        conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
-        if version < SCHEMA_VERSION:
+        if version == 0:
             log.info("sqlite_schema_created", path=self.path, version=SCHEMA_VERSION)
+        elif version < SCHEMA_VERSION:
+            log.info("sqlite_schema_migrated", path=self.path, old=version, version=SCHEMA_VERSION)
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -377,22 +420,22 @@ class SQLiteBroker:
     def ensure_queue(self, queue: str, settings: QueueSettings | None = None) -> None:
         """Create the queue, and its dead-letter queue, if missing; existing ones are kept.
 
+        The dead-letter queue gets the default visibility timeout and the queue's FIFO-ness
+        and size limit.
+
         Raises:
-            BrokerError: a FIFO queue (or its dead-letter queue) not named ``*.fifo``.
+            ConfigurationError: a FIFO queue (or its dead-letter queue) not named ``*.fifo``,
+                or a standard one that is.
         """
         settings = settings or QueueSettings()
+        check_fifo_names(queue, settings)
         dlq = settings.dead_letter_queue
-        if settings.fifo:
-            for name in (queue, dlq):
-                if name is not None and not name.endswith(".fifo"):
-                    raise BrokerError(f"FIFO queue names must end in '.fifo', got {name!r}")
         now = self._clock()
-        insert = "INSERT OR IGNORE INTO queues VALUES (?, ?, ?, ?, ?, ?)"
         with self._write() as conn:
             if dlq is not None:
                 default = QueueSettings()
                 conn.execute(
-                    insert,
+                    _INSERT_QUEUE,
                     (
                         dlq,
                         default.visibility_timeout,
@@ -400,10 +443,11 @@ class SQLiteBroker:
                         default.max_receive_count,
                         settings.fifo,
                         now,
+                        settings.max_body_bytes,
                     ),
                 )
             conn.execute(
-                insert,
+                _INSERT_QUEUE,
                 (
                     queue,
                     settings.visibility_timeout,
@@ -411,8 +455,16 @@ class SQLiteBroker:
                     settings.max_receive_count,
                     settings.fifo,
                     now,
+                    settings.max_body_bytes,
                 ),
             )
+
+    def body_limit(self, queue: str) -> BodyLimit:
+        """The queue's ``max_body_bytes``, capped by the broker's (the broker's if missing)."""
+        (queue_bytes,) = self._read_one(
+            "SELECT (SELECT max_body_bytes FROM queues WHERE name = ?)", (queue,)
+        )
+        return embedded_body_limit(queue, queue_bytes, self.max_body_bytes, "SQLite")
 
     def list_queues(self, prefix: str = "") -> list[str]:
         """Names of the queues whose name starts with ``prefix``, sorted."""
@@ -467,19 +519,25 @@ class SQLiteBroker:
     def send_batch(self, queue: str, messages: Sequence[OutgoingMessage]) -> list[str]:
         """Send 1..10 messages in one transaction; return their ids in order.
 
+        A FIFO duplicate (within the deduplication window) is not stored again: its id is the
+        first message's.
+
         Raises:
             QueueDoesNotExist: there is no such queue.
-            MessageTooLargeError: a body is over ``max_body_bytes``.
-            BrokerError: a bad batch size or delay, or a FIFO rule broken.
+            MessageTooLargeError: a message is over the queue's :meth:`body_limit`.
+            BrokerError: a bad batch size, delay or attribute, or a FIFO rule broken.
         """
         check_batch(messages)
-        for message in messages:
-            check_message(message, self.max_body_bytes)
         with self._write() as conn:
             now = self._clock()
-            if _settings(conn, queue).fifo:
+            settings = _settings(conn, queue)
+            limit = embedded_body_limit(
+                queue, settings.max_body_bytes, self.max_body_bytes, "SQLite"
+            )
+            check_messages(queue, messages, limit, fifo=settings.fifo)
+            if settings.fifo:
                 return self._send_fifo(conn, queue, messages, now)
-            rows = [_message_row(queue, message, now) for message in messages]
+            rows = [_message_row(queue, message, now, message.dedup_id) for message in messages]
             conn.executemany(_INSERT, rows)
         return [row[0] for row in rows]
 
@@ -490,24 +548,20 @@ class SQLiteBroker:
         messages: Sequence[OutgoingMessage],
         now: float,
     ) -> list[str]:
-        for message in messages:
-            if message.group_id is None:
-                raise BrokerError(f"messages sent to FIFO queue {queue!r} need a group_id")
-            if message.delay:
-                raise BrokerError(f"FIFO queue {queue!r} does not take per-message delays")
+        """Store the messages that are not duplicates (the FIFO rules were checked)."""
         conn.execute("DELETE FROM fifo_dedup WHERE queue = ? AND expires_at <= ?", (queue, now))
         ids = []
         for message in messages:
-            message_id = _deduplicated(conn, queue, message.dedup_id)
+            dedup_id = message.dedup_id or content_dedup_id(message.body)
+            message_id = _deduplicated(conn, queue, dedup_id)
             if message_id is None:
-                row = _message_row(queue, message, now)
+                row = _message_row(queue, message, now, dedup_id)
                 conn.execute(_INSERT, row)
                 message_id = row[0]
-                if message.dedup_id is not None:
-                    conn.execute(
-                        "INSERT INTO fifo_dedup VALUES (?, ?, ?, ?)",
-                        (queue, message.dedup_id, message_id, now + DEDUP_WINDOW_SECONDS),
-                    )
+                conn.execute(
+                    "INSERT INTO fifo_dedup VALUES (?, ?, ?, ?)",
+                    (queue, dedup_id, message_id, now + DEDUP_WINDOW_SECONDS),
+                )
             ids.append(message_id)
         return ids
 
@@ -529,6 +583,7 @@ class SQLiteBroker:
             max_messages: 1..10.
             wait_seconds: 0..20; 0 returns at once.
             visibility_timeout: seconds the messages stay invisible; the queue's by default.
+            metadata: ignored: every field is in the row a receive reads anyway.
 
         Raises:
             QueueDoesNotExist: there is no such queue.
@@ -577,6 +632,8 @@ class SQLiteBroker:
                 receive_count=row.receive_count + 1,
                 attributes=json.loads(row.attributes),
                 sent_at=row.sent_at,
+                group_id=row.group_id,
+                dedup_id=row.dedup_id,
             )
             for row, receipt in zip(rows, receipts, strict=True)
         ]
@@ -665,19 +722,17 @@ class SQLiteBroker:
 
 def _settings(conn: sqlite3.Connection, queue: str) -> _Queue:
     row = conn.execute(
-        "SELECT visibility_timeout, dead_letter_queue, max_receive_count, fifo "
+        "SELECT visibility_timeout, dead_letter_queue, max_receive_count, fifo, max_body_bytes "
         "FROM queues WHERE name = ?",
         (queue,),
     ).fetchone()
     if row is None:
         raise QueueDoesNotExist(queue)
-    return _Queue(row[0], row[1], row[2], bool(row[3]))
+    return _Queue(row[0], row[1], row[2], bool(row[3]), row[4])
 
 
-def _deduplicated(conn: sqlite3.Connection, queue: str, dedup_id: str | None) -> str | None:
+def _deduplicated(conn: sqlite3.Connection, queue: str, dedup_id: str) -> str | None:
     """The id of the message already sent with ``dedup_id`` within the window, if any."""
-    if dedup_id is None:
-        return None
     row = conn.execute(
         "SELECT message_id FROM fifo_dedup WHERE queue = ? AND dedup_id = ?", (queue, dedup_id)
     ).fetchone()
@@ -685,18 +740,20 @@ def _deduplicated(conn: sqlite3.Connection, queue: str, dedup_id: str | None) ->
 
 
 def _message_row(
-    queue: str, message: OutgoingMessage, now: float
+    queue: str, message: OutgoingMessage, now: float, dedup_id: str | None
 ) -> tuple[str, str, str, str, float, float, bool, str | None, str | None]:
+    # Attributes are kept as text, as SQS returns a Number attribute.
+    attributes = {name: str(value) for name, value in message.attributes.items()}
     return (
         str(uuid.uuid4()),
         queue,
         message.body,
-        json.dumps(dict(message.attributes), separators=(",", ":")),
+        json.dumps(attributes, separators=(",", ":")),
         now + message.delay,
         now,
         message.delay > 0,
         message.group_id,
-        message.dedup_id,
+        dedup_id,
     )
 
 

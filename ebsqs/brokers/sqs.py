@@ -5,6 +5,13 @@ used by the child, which builds its own on first use. Region, credentials and en
 boto3's standard chain; the endpoint of a local server (moto, fauxqs, ElasticMQ, LocalStack) is
 set with ``AWS_ENDPOINT_URL_SQS`` or ``AWS_ENDPOINT_URL``, which boto3 reads itself.
 
+Queues: each queue's URL is asked once and cached, and so is its ``MaximumMessageSize`` (read
+by :meth:`SQSBroker.body_limit` and checked before every send, attributes included); both are
+forgotten together when SQS says the queue does not exist. ``ensure_queue`` sets that size on
+the queue and its dead-letter queue, and creates FIFO queues with content-based deduplication
+as a backstop for other producers (ebsqs always sends a deduplication id). FIFO queues take no
+per-message delay: a send that asks for one is refused before anything is sent.
+
 Errors: a missing queue raises :class:`~ebsqs.errors.QueueDoesNotExist`; an endpoint that cannot
 be reached, or that keeps throttling after botocore's retries, raises
 :class:`~ebsqs.errors.BrokerUnavailable`; credentials SQS does not accept, or a permission (IAM
@@ -21,6 +28,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -41,12 +49,14 @@ from ebsqs.brokers.base import (
     DEFAULT_MAX_BODY_BYTES,
     MAX_BATCH,
     MAX_VISIBILITY_SECONDS,
+    WORKER_ATTRIBUTES,
+    BodyLimit,
     OutgoingMessage,
     QueueSettings,
     QueueStats,
     ReceivedMessage,
 )
-from ebsqs.brokers.checks import check_batch, check_message, check_receive
+from ebsqs.brokers.checks import check_batch, check_fifo_names, check_messages, check_receive
 from ebsqs.errors import (
     BrokerAccessDenied,
     BrokerError,
@@ -59,10 +69,11 @@ from ebsqs.errors import (
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
-    from mypy_boto3_sqs.literals import QueueAttributeNameType
+    from mypy_boto3_sqs.literals import MessageSystemAttributeNameType, QueueAttributeNameType
     from mypy_boto3_sqs.type_defs import (
         ChangeMessageVisibilityBatchRequestEntryTypeDef,
         DeleteMessageBatchRequestEntryTypeDef,
+        MessageAttributeValueTypeDef,
         MessageTypeDef,
         ReceiveMessageRequestTypeDef,
         SendMessageBatchRequestEntryTypeDef,
@@ -136,13 +147,36 @@ _NO_REGION = (
 #: A batch call's answer: ``{entry id: message id or ""}`` and the raw ``Failed`` entries.
 _Answers = tuple[dict[str, str], list[Mapping[str, Any]]]
 
+#: What every receive asks for (the worker's hot path: nothing it does not use), and what a
+#: receive with metadata asks for besides.
+_SYSTEM_ATTRIBUTES: tuple[MessageSystemAttributeNameType, ...] = (
+    "ApproximateReceiveCount",
+    "MessageGroupId",
+    "MessageDeduplicationId",
+)
+_METADATA_SYSTEM_ATTRIBUTES: tuple[MessageSystemAttributeNameType, ...] = (
+    "ApproximateReceiveCount",
+    "SentTimestamp",
+    "MessageGroupId",
+    "MessageDeduplicationId",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """What the broker keeps of a queue: its URL and, once read, its size limit."""
+
+    url: str
+    limit: BodyLimit | None = None
+
 
 class SQSBroker:
     """A broker on Amazon SQS (or any server that speaks SQS's JSON protocol).
 
     Args:
         region: the AWS region; None takes it from boto3's chain (``AWS_DEFAULT_REGION``...).
-        max_body_bytes: the largest body accepted, checked before anything is sent.
+        max_body_bytes: the largest message accepted on any queue, whatever the queue's
+            ``MaximumMessageSize`` (checked before anything is sent).
         config: botocore settings merged over :data:`DEFAULT_CONFIG` (timeouts, retries,
             proxies).
 
@@ -163,7 +197,7 @@ class SQSBroker:
         self._lock_pid = os.getpid()
         self._client: SQSClient | None = None
         self._client_pid = 0
-        self._urls: dict[str, str] = {}
+        self._known: dict[str, _Known] = {}
 
     @classmethod
     def from_url(cls, url: str) -> SQSBroker:
@@ -227,7 +261,7 @@ class SQSBroker:
             client, self._client = self._client, None
             if client is not None and self._client_pid == os.getpid():
                 client.close()
-            self._urls.clear()
+            self._known.clear()
 
     # -- calls and errors ----------------------------------------------------------------
 
@@ -251,7 +285,7 @@ class SQSBroker:
         code = error.get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if code in _NOT_FOUND and queue is not None:
-            self._urls.pop(queue, None)
+            self._known.pop(queue, None)
             return QueueDoesNotExist(queue)
         if code in _PURGE_IN_PROGRESS:
             return BrokerError(
@@ -272,11 +306,45 @@ class SQSBroker:
 
     def _url(self, queue: str) -> str:
         """The queue's URL, asked of SQS once per name and cached."""
-        url = self._urls.get(queue)
-        if url is None:
-            url = self._call(queue, lambda c: c.get_queue_url(QueueName=queue)["QueueUrl"])
-            self._urls[queue] = url
+        known = self._known.get(queue)
+        if known is not None:
+            return known.url
+        url = self._call(queue, lambda c: c.get_queue_url(QueueName=queue)["QueueUrl"])
+        self._known[queue] = _Known(url)
         return url
+
+    def body_limit(self, queue: str) -> BodyLimit:
+        """The queue's ``MaximumMessageSize`` (read once, cached with its URL), capped by the
+        broker's ``max_body_bytes``; the broker's for a missing queue."""
+        try:
+            return self._limit(queue, self._url(queue))
+        except QueueDoesNotExist:
+            source = f"the SQS broker's limit (queue {queue!r} does not exist)"
+            return BodyLimit(self.max_body_bytes, source)
+
+    def _limit(self, queue: str, url: str) -> BodyLimit:
+        known = self._known.get(queue)
+        if known is not None and known.limit is not None:
+            return known.limit
+        try:
+            attributes = self._attributes(queue, url, ["MaximumMessageSize"])
+        except BrokerAccessDenied as exc:
+            # A producer allowed only sqs:SendMessage can still send: SQS checks the size too.
+            log.warning("sqs_queue_size_unreadable", queue=queue, error=str(exc))
+            limit = BodyLimit(
+                self.max_body_bytes,
+                f"the SQS broker's limit (MaximumMessageSize of queue {queue!r} is unreadable)",
+            )
+        else:
+            size = int(attributes.get("MaximumMessageSize", DEFAULT_MAX_BODY_BYTES))
+            limit = self._capped(queue, size)
+        self._known[queue] = _Known(url, limit)
+        return limit
+
+    def _capped(self, queue: str, size: int) -> BodyLimit:
+        if self.max_body_bytes < size:
+            return BodyLimit(self.max_body_bytes, "the SQS broker's limit")
+        return BodyLimit(size, f"MaximumMessageSize of SQS queue {queue!r}")
 
     def _batch(
         self,
@@ -324,16 +392,16 @@ class SQSBroker:
         """Send up to ten messages in one call; return their ids in order.
 
         Raises:
+            QueueDoesNotExist: there is no such queue.
+            MessageTooLargeError: a message is over the queue's :meth:`body_limit`.
+            BrokerError: a bad batch size, delay or attribute, or a FIFO rule broken (nothing
+                is sent).
             PartialBatchError: some entries still failed after retrying the transient failures.
         """
         check_batch(messages)
-        for message in messages:
-            check_message(message, self.max_body_bytes)
         url = self._url(queue)
-        fifo = queue.endswith(".fifo")
-        entries = {str(i): _send_entry(str(i), m, fifo) for i, m in enumerate(messages)}
-        if fifo and any(m.delay for m in messages):
-            log.warning("sqs_fifo_delay_ignored", queue=queue)
+        check_messages(queue, messages, self._limit(queue, url), fifo=queue.endswith(".fifo"))
+        entries = {str(i): _send_entry(str(i), m) for i, m in enumerate(messages)}
 
         def request(
             batch: list[SendMessageBatchRequestEntryTypeDef], client: SQSClient
@@ -360,7 +428,9 @@ class SQSBroker:
     ) -> list[ReceivedMessage]:
         """Receive up to ``max_messages`` (1..10), long-polling up to ``wait_seconds``.
 
-        SQS waits in whole seconds: a fractional wait is rounded down.
+        SQS waits in whole seconds: a fractional wait is rounded down. Without ``metadata``
+        only the receive count, group, deduplication id and :data:`WORKER_ATTRIBUTES` are
+        asked for.
         """
         check_receive(max_messages, wait_seconds, visibility_timeout)
         request: ReceiveMessageRequestTypeDef = {
@@ -370,7 +440,10 @@ class SQSBroker:
         }
         if metadata:
             request["MessageAttributeNames"] = ["All"]
-            request["MessageSystemAttributeNames"] = ["ApproximateReceiveCount", "SentTimestamp"]
+            request["MessageSystemAttributeNames"] = list(_METADATA_SYSTEM_ATTRIBUTES)
+        else:
+            request["MessageAttributeNames"] = list(WORKER_ATTRIBUTES)
+            request["MessageSystemAttributeNames"] = list(_SYSTEM_ATTRIBUTES)
         if visibility_timeout is not None:
             request["VisibilityTimeout"] = visibility_timeout
         response = self._call(queue, lambda c: c.receive_message(**request))
@@ -447,19 +520,27 @@ class SQSBroker:
         """Create the queue, its dead-letter queue and redrive policy; update them if they exist.
 
         The dead-letter queue is created first, since the redrive policy names its ARN. A FIFO
-        queue's dead-letter queue must be FIFO too, and both names must end in ``.fifo``.
+        queue's dead-letter queue must be FIFO too, and both names must end in ``.fifo``. Both
+        get ``MaximumMessageSize`` = ``settings.max_body_bytes``; FIFO ones get content-based
+        deduplication.
+
+        Raises:
+            ConfigurationError: a FIFO queue (or its dead-letter queue) not named ``*.fifo``,
+                or a standard one that is (checked before calling SQS).
         """
         settings = settings or QueueSettings()
-        _check_fifo_names(queue, settings)
-        attributes: dict[QueueAttributeNameType, str] = {
-            "VisibilityTimeout": str(settings.visibility_timeout)
+        check_fifo_names(queue, settings)
+        shared: dict[QueueAttributeNameType, str] = {
+            "MaximumMessageSize": str(settings.max_body_bytes)
         }
         if settings.fifo:
-            attributes["FifoQueue"] = "true"
+            shared |= {"FifoQueue": "true", "ContentBasedDeduplication": "true"}
+        attributes: dict[QueueAttributeNameType, str] = {
+            "VisibilityTimeout": str(settings.visibility_timeout),
+            **shared,
+        }
         if settings.dead_letter_queue:
-            dlq_url = self._create(
-                settings.dead_letter_queue, {"FifoQueue": "true"} if settings.fifo else {}
-            )
+            dlq_url = self._create(settings.dead_letter_queue, shared)
             arn = self._attributes(settings.dead_letter_queue, dlq_url, ["QueueArn"])["QueueArn"]
             attributes["RedrivePolicy"] = json.dumps(
                 {"deadLetterTargetArn": arn, "maxReceiveCount": str(settings.max_receive_count)}
@@ -467,6 +548,10 @@ class SQSBroker:
         self._create(queue, attributes)
 
     def _create(self, queue: str, attributes: Mapping[QueueAttributeNameType, str]) -> str:
+        """Create the queue, or bring an existing one to ``attributes``; cache its URL and the
+        ``MaximumMessageSize`` it now has (``attributes`` always name one).
+        """
+
         def request(client: SQSClient) -> str:
             try:
                 return client.create_queue(QueueName=queue, Attributes=attributes)["QueueUrl"]
@@ -481,11 +566,12 @@ class SQSBroker:
             }
             if changed:
                 client.set_queue_attributes(QueueUrl=url, Attributes=changed)
-            log.info("sqs_queue_attributes_updated", queue=queue, attributes=sorted(changed))
+                log.info("sqs_queue_attributes_updated", queue=queue, attributes=sorted(changed))
             return url
 
         url = self._call(queue, request)
-        self._urls[queue] = url
+        size = int(attributes["MaximumMessageSize"])
+        self._known[queue] = _Known(url, self._capped(queue, size))
         return url
 
     def _attributes(
@@ -508,7 +594,7 @@ class SQSBroker:
         names = []
         for url in self._call(None, request):
             name = url.rsplit("/", 1)[-1]
-            self._urls.setdefault(name, url)
+            self._known.setdefault(name, _Known(url))
             names.append(name)
         return sorted(names)
 
@@ -539,7 +625,7 @@ class SQSBroker:
         """Delete the queue itself."""
         url = self._url(queue)
         self._call(queue, lambda c: c.delete_queue(QueueUrl=url))
-        self._urls.pop(queue, None)
+        self._known.pop(queue, None)
 
 
 def _access_denied(
@@ -564,23 +650,26 @@ def _access_denied(
     return BrokerAccessDenied(f"{target}: {operation} denied ({code}: {message}); {fix}")
 
 
-def _send_entry(
-    entry_id: str, message: OutgoingMessage, fifo: bool
-) -> SendMessageBatchRequestEntryTypeDef:
+def _send_entry(entry_id: str, message: OutgoingMessage) -> SendMessageBatchRequestEntryTypeDef:
     entry: SendMessageBatchRequestEntryTypeDef = {"Id": entry_id, "MessageBody": message.body}
     if message.attributes:
         entry["MessageAttributes"] = {
-            name: {"DataType": "String", "StringValue": value}
-            for name, value in message.attributes.items()
+            name: _attribute(value) for name, value in message.attributes.items()
         }
     if message.group_id is not None:
         entry["MessageGroupId"] = message.group_id
     if message.dedup_id is not None:
         entry["MessageDeduplicationId"] = message.dedup_id
-    if message.delay and not fifo:
-        # FIFO queues refuse per-message delays; 0 is SQS's default, so it is left out.
+    if message.delay:
+        # 0 is SQS's default, so it is left out (FIFO queues, which refuse any, get none).
         entry["DelaySeconds"] = message.delay
     return entry
+
+
+def _attribute(value: str | int) -> MessageAttributeValueTypeDef:
+    if isinstance(value, str):
+        return {"DataType": "String", "StringValue": value}
+    return {"DataType": "Number", "StringValue": str(value)}
 
 
 def _answers(response: Mapping[str, Any]) -> _Answers:
@@ -617,21 +706,13 @@ def _received(queue: str, raw: MessageTypeDef) -> ReceivedMessage:
         receipt=raw["ReceiptHandle"],
         body=raw.get("Body", ""),
         receive_count=int(system.get("ApproximateReceiveCount", 1)),
+        # String and Number attributes (a Number as its text); Binary ones are left out.
         attributes={
             name: value["StringValue"]
             for name, value in raw.get("MessageAttributes", {}).items()
             if "StringValue" in value
         },
         sent_at=int(sent) / 1000 if sent else None,
+        group_id=system.get("MessageGroupId"),
+        dedup_id=system.get("MessageDeduplicationId"),
     )
-
-
-def _check_fifo_names(queue: str, settings: QueueSettings) -> None:
-    names = [queue, *([settings.dead_letter_queue] if settings.dead_letter_queue else [])]
-    for name in names:
-        if name.endswith(".fifo") != settings.fifo:
-            raise ConfigurationError(
-                f"queue {name!r}: on SQS a FIFO queue's name ends in '.fifo' and only a FIFO "
-                f"queue's does (settings.fifo={settings.fifo}); a FIFO queue's dead-letter "
-                "queue must be FIFO too"
-            )

@@ -20,13 +20,14 @@ from botocore.compat import HTTPHeaders
 from botocore.config import Config
 from structlog.testing import capture_logs
 
-from ebsqs.brokers.base import OutgoingMessage, QueueSettings, ReceivedMessage
+from ebsqs.brokers.base import WORKER_ATTRIBUTES, OutgoingMessage, QueueSettings, ReceivedMessage
 from ebsqs.brokers.sqs import SQSBroker
 from ebsqs.errors import (
     BrokerAccessDenied,
     BrokerError,
     BrokerUnavailable,
     ConfigurationError,
+    MessageTooLargeError,
     PartialBatchError,
     QueueDoesNotExist,
 )
@@ -191,12 +192,40 @@ def test_send_batch_gives_up_on_an_entry_that_keeps_failing(broker: SQSBroker, q
 def test_send_maps_attributes_and_leaves_out_what_is_not_set(broker: SQSBroker, queue: str) -> None:
     hook = Hook(broker, "SendMessageBatch")
 
-    broker.send(queue, OutgoingMessage("body", delay=3, attributes={"reason": "r"}))
+    broker.send(queue, OutgoingMessage("body", delay=3, attributes={"reason": "r", "n": -12}))
 
     [entry] = hook.requests[0]["Entries"]
-    assert entry["MessageAttributes"] == {"reason": {"DataType": "String", "StringValue": "r"}}
+    assert entry["MessageAttributes"] == {
+        "reason": {"DataType": "String", "StringValue": "r"},
+        "n": {"DataType": "Number", "StringValue": "-12"},
+    }
     assert entry["DelaySeconds"] == 3
     assert "MessageGroupId" not in entry and "MessageDeduplicationId" not in entry
+
+
+@pytest.mark.timeout(30)
+def test_send_to_a_standard_queue_keeps_the_group(broker: SQSBroker, queue: str) -> None:
+    hook = Hook(broker, "SendMessageBatch")
+
+    broker.send(queue, OutgoingMessage("tenant work", group_id="tenant-1"))
+
+    [entry] = hook.requests[0]["Entries"]
+    assert entry["MessageGroupId"] == "tenant-1"
+    assert "MessageDeduplicationId" not in entry
+
+
+@pytest.mark.timeout(30)
+def test_fifo_delay_is_refused_before_calling_sqs(
+    broker: SQSBroker, unique_queue: Callable[..., str]
+) -> None:
+    queue = unique_queue(fifo=True)
+    broker.ensure_queue(queue, QueueSettings(fifo=True))
+    hook = Hook(broker, "SendMessageBatch")
+
+    with pytest.raises(BrokerError, match="FIFO queues take no per-message delay"):
+        broker.send(queue, OutgoingMessage("later", delay=30, group_id="g", dedup_id="d"))
+
+    assert hook.requests == []
 
 
 # -- acks and visibility ------------------------------------------------------------------
@@ -255,13 +284,123 @@ def test_receive_asks_for_system_and_message_attributes(broker: SQSBroker, queue
 
     broker.receive(queue, 3, 1.9)
     broker.receive(queue, 1, 0, visibility_timeout=7)
+    broker.receive(queue, 1, 0, metadata=False)
 
-    plain, with_visibility = hook.requests
-    assert plain["MessageSystemAttributeNames"] == ["ApproximateReceiveCount", "SentTimestamp"]
+    plain, with_visibility, lean = hook.requests
+    assert plain["MessageSystemAttributeNames"] == [
+        "ApproximateReceiveCount",
+        "SentTimestamp",
+        "MessageGroupId",
+        "MessageDeduplicationId",
+    ]
     assert plain["MessageAttributeNames"] == ["All"]
     assert (plain["MaxNumberOfMessages"], plain["WaitTimeSeconds"]) == (3, 1)
     assert "AttributeNames" not in plain and "VisibilityTimeout" not in plain
     assert with_visibility["VisibilityTimeout"] == 7
+    # The worker's hot path: only what the loop uses.
+    assert lean["MessageSystemAttributeNames"] == [
+        "ApproximateReceiveCount",
+        "MessageGroupId",
+        "MessageDeduplicationId",
+    ]
+    assert lean["MessageAttributeNames"] == list(WORKER_ATTRIBUTES)
+
+
+@pytest.mark.timeout(30)
+def test_receive_without_metadata_leaves_other_attributes_on_the_server(
+    broker: SQSBroker, queue: str
+) -> None:
+    pointer: dict[str, str | int] = {WORKER_ATTRIBUTES[0]: 5000, "ebsqs-error": "why"}
+    broker.send(queue, OutgoingMessage("pointer", attributes=pointer))
+
+    [received] = broker.receive(queue, 1, 2, metadata=False)
+
+    assert dict(received.attributes) == {WORKER_ATTRIBUTES[0]: "5000"}
+    assert received.sent_at is None
+    assert received.receive_count == 1
+
+
+# -- sizes --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_body_limit_reads_maximum_message_size_once(
+    broker: SQSBroker, unique_queue: Callable[..., str]
+) -> None:
+    name = unique_queue()
+    broker.ensure_queue(name, QueueSettings(max_body_bytes=4096))
+    fresh = SQSBroker()
+    reads = Hook(fresh, "GetQueueAttributes")
+
+    first = fresh.body_limit(name)
+    fresh.send(name, OutgoingMessage("x"))
+
+    assert (first.bytes, first.source) == (4096, f"MaximumMessageSize of SQS queue {name!r}")
+    assert fresh.body_limit(name) == first
+    assert [r["AttributeNames"] for r in reads.requests] == [["MaximumMessageSize"]]
+    fresh.close()
+
+
+@pytest.mark.timeout(30)
+def test_ensure_queue_caches_the_size_it_sets(
+    broker: SQSBroker, unique_queue: Callable[..., str]
+) -> None:
+    name = unique_queue()
+    reads = Hook(broker, "GetQueueAttributes")
+
+    broker.ensure_queue(name, QueueSettings(max_body_bytes=2048))
+
+    assert broker.body_limit(name).bytes == 2048
+    assert reads.requests == []
+
+
+@pytest.mark.timeout(30)
+def test_the_size_is_dropped_with_the_url(
+    broker: SQSBroker, unique_queue: Callable[..., str]
+) -> None:
+    name = unique_queue()
+    broker.ensure_queue(name, QueueSettings(max_body_bytes=2048))
+    other = SQSBroker()
+    other.delete_queue(name)
+
+    with pytest.raises(QueueDoesNotExist):
+        broker.send(name, OutgoingMessage("gone"))
+    other.ensure_queue(name, QueueSettings(max_body_bytes=8192))
+
+    assert broker.body_limit(name).bytes == 8192
+    broker.send(name, OutgoingMessage("y" * 4000))
+    other.close()
+
+
+@pytest.mark.timeout(30)
+def test_the_brokers_limit_caps_the_queues(sqs_env: str, queue: str) -> None:
+    broker = SQSBroker(max_body_bytes=1500)
+
+    limit = broker.body_limit(queue)
+
+    assert (limit.bytes, limit.source) == (1500, "the SQS broker's limit")
+    with pytest.raises(MessageTooLargeError):
+        broker.send(queue, OutgoingMessage("x" * 1501))
+
+
+@pytest.mark.timeout(30)
+def test_an_unreadable_size_falls_back_to_the_brokers_limit(broker: SQSBroker, queue: str) -> None:
+    """A producer allowed only sqs:SendMessage still sends; SQS itself checks the size."""
+    fresh = SQSBroker()
+    denied = crafted_refusal("AccessDeniedException", "AccessDenied")
+    Hook(fresh, "GetQueueAttributes", lambda _: denied)
+
+    with capture_logs() as logs:
+        limit = fresh.body_limit(queue)
+        message_id = fresh.send(queue, OutgoingMessage("sent anyway"))
+
+    assert limit.bytes == fresh.max_body_bytes
+    assert "unreadable" in limit.source and repr(queue) in limit.source
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == [
+        "sqs_queue_size_unreadable"
+    ]
+    assert [m.message_id for m in broker.receive(queue, 1, 2)] == [message_id]
+    fresh.close()
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -452,12 +591,33 @@ def test_fifo_queue_with_a_fifo_dead_letter_queue(
         assert broker.ack(batch) == {}
         received.extend(batch)
     assert [(m.message_id, m.body) for m in received] == [(ids[i], f"m{i}") for i in range(3)]
-    attributes = broker.client.get_queue_attributes(
-        QueueUrl=broker.client.get_queue_url(QueueName=queue)["QueueUrl"],
-        AttributeNames=["RedrivePolicy", "FifoQueue"],
-    )["Attributes"]
+    attributes = queue_attributes(broker, queue)
     assert attributes["FifoQueue"] == "true"
     assert json.loads(attributes["RedrivePolicy"])["deadLetterTargetArn"].endswith(f":{dlq}")
+
+
+def queue_attributes(broker: SQSBroker, queue: str) -> dict[str, str]:
+    url = broker.client.get_queue_url(QueueName=queue)["QueueUrl"]
+    response = broker.client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
+    return {str(name): value for name, value in response["Attributes"].items()}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sqs_env", ["moto", "fauxqs"], indirect=True)
+@pytest.mark.parametrize("fifo", [False, True], ids=["standard", "fifo"])
+def test_ensure_queue_sets_the_size_and_fifo_deduplication(
+    broker: SQSBroker, unique_queue: Callable[..., str], fifo: bool
+) -> None:
+    queue, dlq = unique_queue(fifo=fifo), unique_queue(fifo=fifo)
+
+    broker.ensure_queue(
+        queue, QueueSettings(fifo=fifo, dead_letter_queue=dlq, max_body_bytes=65536)
+    )
+
+    for name in (queue, dlq):
+        attributes = queue_attributes(broker, name)
+        assert attributes["MaximumMessageSize"] == "65536"
+        assert attributes.get("ContentBasedDeduplication", "false") == str(fifo).lower()
 
 
 @pytest.mark.timeout(30)
@@ -487,14 +647,21 @@ def test_ensure_queue_updates_the_attributes_of_an_existing_queue(
 
     with capture_logs() as logs:
         broker.ensure_queue(
-            queue, QueueSettings(visibility_timeout=45, dead_letter_queue=dlq, max_receive_count=4)
+            queue,
+            QueueSettings(
+                visibility_timeout=45,
+                dead_letter_queue=dlq,
+                max_receive_count=4,
+                max_body_bytes=4096,
+            ),
         )
 
-    url = broker.client.get_queue_url(QueueName=queue)["QueueUrl"]
-    attributes = broker.client.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])
-    assert attributes["Attributes"]["VisibilityTimeout"] == "45"
-    assert str(json.loads(attributes["Attributes"]["RedrivePolicy"])["maxReceiveCount"]) == "4"
+    attributes = queue_attributes(broker, queue)
+    assert attributes["VisibilityTimeout"] == "45"
+    assert attributes["MaximumMessageSize"] == "4096"
+    assert str(json.loads(attributes["RedrivePolicy"])["maxReceiveCount"]) == "4"
     assert any(e["event"] == "sqs_queue_attributes_updated" for e in logs)
+    assert SQSBroker().body_limit(queue).bytes == 4096
 
 
 # -- processes ----------------------------------------------------------------------------

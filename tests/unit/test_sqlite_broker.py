@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import sqlite3
 import threading
@@ -14,7 +15,15 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from ebsqs.brokers.base import OutgoingMessage, QueueSettings, QueueStats, ReceivedMessage
+from ebsqs.brokers.base import (
+    DEDUP_WINDOW_SECONDS,
+    DEFAULT_MAX_BODY_BYTES,
+    BodyLimit,
+    OutgoingMessage,
+    QueueSettings,
+    QueueStats,
+    ReceivedMessage,
+)
 from ebsqs.brokers.sqlite import SCHEMA_VERSION, SQLiteBroker
 from ebsqs.errors import (
     BrokerDamaged,
@@ -109,8 +118,105 @@ def test_body_over_the_limit_is_refused(tmp_path: Path) -> None:
     broker.ensure_queue("q")
 
     broker.send("q", OutgoingMessage("é" * 5))
-    with pytest.raises(MessageTooLargeError):
+    with pytest.raises(MessageTooLargeError) as error:
         broker.send("q", OutgoingMessage("é" * 6))
+
+    assert (error.value.size, error.value.limit) == (12, 10)
+    assert error.value.source == "the SQLite broker's limit"
+
+
+def test_body_limit_is_the_queues_capped_by_the_brokers(tmp_path: Path) -> None:
+    path = str(tmp_path / "b.db")
+    broker = SQLiteBroker(path, max_body_bytes=4096)
+    broker.ensure_queue("small", QueueSettings(max_body_bytes=2048, dead_letter_queue="dlq"))
+    broker.ensure_queue("default")
+
+    assert broker.body_limit("small") == BodyLimit(2048, "max_body_bytes of SQLite queue 'small'")
+    assert broker.body_limit("dlq").bytes == 2048
+    assert broker.body_limit("default") == BodyLimit(4096, "the SQLite broker's limit")
+    missing = broker.body_limit("missing")
+    assert missing.bytes == 4096 and "'missing' does not exist" in missing.source
+    # Kept in the file: another broker object (another process) sees the same limits.
+    assert SQLiteBroker(path).body_limit("small").bytes == 2048
+    assert SQLiteBroker(path).body_limit("default").bytes == DEFAULT_MAX_BODY_BYTES
+
+
+def test_size_counts_attributes(broker: SQLiteBroker) -> None:
+    broker.ensure_queue("tight", QueueSettings(max_body_bytes=20))
+    # 4 + "k" + "String" + 9 = 20; "n" + "Number" + "123456789" counts the same.
+    broker.send("tight", OutgoingMessage("body", attributes={"k": "123456789"}))
+    broker.send("tight", OutgoingMessage("body", attributes={"n": 123456789}))
+
+    with pytest.raises(MessageTooLargeError) as error:
+        broker.send("tight", OutgoingMessage("body", attributes={"k": "1234567890"}))
+
+    assert (error.value.size, error.value.limit) == (21, 20)
+    assert "'tight'" in error.value.source
+    assert broker.stats("tight").visible == 2
+
+
+def test_number_attributes_are_stored_as_text(broker: SQLiteBroker) -> None:
+    broker.send("q", OutgoingMessage("x", attributes={"count": 3, "text": "3"}))
+
+    [received] = broker.receive("q", 1, 0, metadata=False)
+
+    assert received.attributes == {"count": "3", "text": "3"}
+
+
+def test_group_id_on_a_standard_queue_is_kept(broker: SQLiteBroker) -> None:
+    broker.send_batch("q", [OutgoingMessage("a", group_id="t1"), OutgoingMessage("b")])
+
+    received = broker.receive("q", 10, 0, metadata=False)
+
+    assert [(m.body, m.group_id, m.dedup_id) for m in received] == [
+        ("a", "t1", None),
+        ("b", None, None),
+    ]
+
+
+def test_a_schema_1_file_is_migrated(tmp_path: Path) -> None:
+    path = str(tmp_path / "b.db")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(_SCHEMA_1)
+        conn.execute("INSERT INTO queues VALUES ('old', 30, NULL, 10, 0, 0)")
+        conn.execute(
+            "INSERT INTO messages (id, queue, body, visible_at, sent_at) "
+            "VALUES ('m1', 'old', 'kept', 0, 0)"
+        )
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    broker = SQLiteBroker(path)
+
+    with capture_logs() as logs:
+        limit = broker.body_limit("old")
+
+    assert limit == BodyLimit(DEFAULT_MAX_BODY_BYTES, "max_body_bytes of SQLite queue 'old'")
+    assert [(e["event"], e.get("old")) for e in logs if e["log_level"] != "debug"] == [
+        ("sqlite_schema_migrated", 1)
+    ]
+    assert [m.body for m in broker.receive("old", 1, 0)] == ["kept"]
+    broker.ensure_queue("new", QueueSettings(max_body_bytes=2048))
+    assert broker.body_limit("new").bytes == 2048
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+
+
+#: The tables of schema version 1 (ebsqs before per-queue size limits).
+_SCHEMA_1 = """
+CREATE TABLE queues (
+    name TEXT PRIMARY KEY, visibility_timeout INTEGER NOT NULL, dead_letter_queue TEXT,
+    max_receive_count INTEGER NOT NULL, fifo INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL);
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE, queue TEXT NOT NULL,
+    body TEXT NOT NULL, attributes TEXT NOT NULL DEFAULT '{}', visible_at REAL NOT NULL,
+    sent_at REAL NOT NULL, receive_count INTEGER NOT NULL DEFAULT 0, receipt TEXT,
+    delayed INTEGER NOT NULL DEFAULT 0, group_id TEXT, dedup_id TEXT);
+CREATE INDEX messages_ready ON messages (queue, visible_at, seq);
+CREATE INDEX messages_group ON messages (queue, group_id, seq) WHERE group_id IS NOT NULL;
+CREATE TABLE fifo_dedup (
+    queue TEXT NOT NULL, dedup_id TEXT NOT NULL, message_id TEXT NOT NULL,
+    expires_at REAL NOT NULL, PRIMARY KEY (queue, dedup_id));
+"""
 
 
 def test_received_message_is_invisible_until_its_timeout(
@@ -485,21 +591,69 @@ def test_fifo_deduplicates_within_the_window(broker: SQLiteBroker, clock: FakeCl
     broker.ensure_queue("jobs.fifo", QueueSettings(fifo=True))
     first = broker.send("jobs.fifo", fifo("x", "g", dedup="d1"))
 
-    assert broker.send("jobs.fifo", fifo("x", "g", dedup="d1")) == first
+    clock.advance(DEDUP_WINDOW_SECONDS - 1)
+    assert broker.send("jobs.fifo", fifo("y", "g", dedup="d1")) == first
     assert broker.stats("jobs.fifo").visible == 1
-    clock.advance(300)
+    clock.advance(1)  # the window counts from the first send, not from the duplicate
     assert broker.send("jobs.fifo", fifo("x", "g", dedup="d1")) != first
     assert broker.stats("jobs.fifo").visible == 2
 
 
+def test_fifo_deduplicates_within_a_batch(broker: SQLiteBroker) -> None:
+    broker.ensure_queue("jobs.fifo", QueueSettings(fifo=True))
+
+    ids = broker.send_batch("jobs.fifo", [fifo("a", "g", "d"), fifo("b", "g", "d")])
+
+    assert ids[0] == ids[1]
+    [received] = broker.receive("jobs.fifo", 10, 0)
+    assert (received.body, received.group_id, received.dedup_id) == ("a", "g", "d")
+
+
+def test_fifo_without_dedup_id_deduplicates_on_the_body(
+    broker: SQLiteBroker, clock: FakeClock
+) -> None:
+    broker.ensure_queue("jobs.fifo", QueueSettings(fifo=True))
+    first = broker.send("jobs.fifo", fifo("same", "g"))
+
+    assert broker.send("jobs.fifo", fifo("same", "other-group")) == first
+    other = broker.send("jobs.fifo", fifo("different", "g"))
+    clock.advance(DEDUP_WINDOW_SECONDS)
+    later = broker.send("jobs.fifo", fifo("same", "g"))
+
+    assert len({first, other, later}) == 3
+    [received] = broker.receive("jobs.fifo", 10, 0)
+    assert received.dedup_id == hashlib.sha256(b"same").hexdigest()
+
+
+def test_fifo_redrive_of_a_group_head_releases_the_next(tmp_path: Path) -> None:
+    broker = SQLiteBroker(str(tmp_path / "b.db"))
+    broker.ensure_queue(
+        "jobs.fifo", QueueSettings(fifo=True, dead_letter_queue="dlq.fifo", max_receive_count=1)
+    )
+    broker.send_batch("jobs.fifo", [fifo("a1", "a", "1"), fifo("a2", "a", "2")])
+    broker.change_visibility(broker.receive("jobs.fifo", 10, 0), 0)
+
+    [received] = broker.receive("jobs.fifo", 10, 0)
+
+    assert received.body == "a2"
+    [dead] = broker.receive("dlq.fifo", 10, 0)
+    assert (dead.body, dead.group_id) == ("a1", "a")
+
+
 def test_fifo_rules(broker: SQLiteBroker) -> None:
-    with pytest.raises(BrokerError, match=r"\.fifo"):
+    with pytest.raises(ConfigurationError, match=r"\.fifo"):
         broker.ensure_queue("jobs", QueueSettings(fifo=True))
+    with pytest.raises(ConfigurationError, match=r"\.fifo"):
+        broker.ensure_queue("jobs.fifo", QueueSettings(fifo=False))
+    with pytest.raises(ConfigurationError, match=r"\.fifo"):
+        broker.ensure_queue("jobs.fifo", QueueSettings(fifo=True, dead_letter_queue="dlq"))
     broker.ensure_queue("jobs.fifo", QueueSettings(fifo=True))
     with pytest.raises(BrokerError, match="group_id"):
         broker.send("jobs.fifo", OutgoingMessage("x"))
-    with pytest.raises(BrokerError, match="delay"):
+    with pytest.raises(BrokerError, match="FIFO queues take no per-message delay"):
         broker.send("jobs.fifo", OutgoingMessage("x", delay=5, group_id="g"))
+    assert broker.list_queues("jobs") == ["jobs.fifo"]
+    assert broker.stats("jobs.fifo").visible == 0
 
 
 # -- fork ----------------------------------------------------------------------------------------
