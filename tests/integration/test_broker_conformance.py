@@ -4,17 +4,28 @@ What a broker must do is what SQS does (see ``ebsqs/brokers/base.py``). Where a 
 differs from SQS, the test says so with a strict ``xfail`` naming the server's behaviour, so a
 server that gets fixed shows up as an unexpected pass rather than being silently tolerated.
 Queues are kept small: moto's server slows down with queue depth (every send rescans the queue).
+
+FIFO tests assert order and exclusivity, never how many messages of a group one receive returns:
+fauxqs (like the embedded brokers) hands out one message per group per receive, moto and SQS
+may hand out several of a group, in order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
-from ebsqs.brokers.base import Broker, OutgoingMessage, QueueSettings, ReceivedMessage
+from ebsqs.brokers.base import (
+    WORKER_ATTRIBUTES,
+    Broker,
+    OutgoingMessage,
+    QueueSettings,
+    ReceivedMessage,
+)
 from ebsqs.brokers.memory import MemoryBroker
 from ebsqs.errors import BrokerError, MessageTooLargeError, QueueDoesNotExist
 from tests import servers
@@ -30,6 +41,14 @@ FAUXQS_ASTRAL = (
 MOTO_STALE_RECEIPTS = (
     "moto accepts any receipt handle a message ever had: a stale handle still deletes the "
     "message or changes its visibility"
+)
+MOTO_DEDUP_IDS = (
+    "moto answers a deduplicated FIFO send with a new message id (the duplicate is still not "
+    "delivered); SQS and fauxqs answer with the first message's id"
+)
+FAUXQS_FAIR_GROUPS = (
+    "fauxqs accepts MessageGroupId on a standard queue but does not return it on receive "
+    "(SQS fair queues and moto do)"
 )
 
 
@@ -71,7 +90,7 @@ def make_queue(broker: Broker, unique_queue: Callable[..., str]) -> Callable[...
     """``make_queue(**settings)`` creates a fresh queue and returns its name."""
 
     def make(**settings: object) -> str:
-        name = unique_queue()
+        name = unique_queue(fifo=bool(settings.get("fifo")))
         broker.ensure_queue(name, QueueSettings(**settings))  # type: ignore[arg-type]
         return name
 
@@ -82,6 +101,31 @@ def make_queue(broker: Broker, unique_queue: Callable[..., str]) -> Callable[...
 def queue(make_queue: Callable[..., str]) -> str:
     """A fresh queue with a 30 s visibility timeout."""
     return make_queue(visibility_timeout=30)
+
+
+@pytest.fixture
+def fifo_queue(make_queue: Callable[..., str]) -> str:
+    """A fresh FIFO queue (``*.fifo``) with a 30 s visibility timeout."""
+    return make_queue(visibility_timeout=30, fifo=True)
+
+
+def fifo(body: str, group: str = "g", dedup: str | None = None) -> OutgoingMessage:
+    """A FIFO message; its deduplication id is its body unless given."""
+    return OutgoingMessage(body, group_id=group, dedup_id=dedup or body)
+
+
+def drain_in_order(broker: Broker, queue: str, last: str, timeout: float = 10) -> list[str]:
+    """Receive and ack until the body ``last`` came back; the bodies, in delivery order."""
+    bodies: list[str] = []
+
+    def got_last() -> bool:
+        batch = broker.receive(queue, 10, 0.5)
+        assert broker.ack(batch) == {}
+        bodies.extend(m.body for m in batch)
+        return last in bodies
+
+    wait_until(got_last, timeout, message=lambda: f"received {bodies}, not {last!r}")
+    return bodies
 
 
 def receive_all(
@@ -399,3 +443,237 @@ def test_body_at_the_limit_is_accepted(broker: Broker, queue: str) -> None:
 
     [received] = broker.receive(queue, 1, 2)
     assert received.body == body
+
+
+# -- FIFO queues -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_fifo_delivers_each_group_in_send_order(broker: Broker, fifo_queue: str) -> None:
+    broker.send_batch(fifo_queue, [fifo(f"a{i}", "a") for i in range(4)] + [fifo("b0", "b")])
+    broker.send_batch(fifo_queue, [fifo(f"a{i}", "a") for i in range(4, 6)])
+
+    bodies = drain_in_order(broker, fifo_queue, "a5")
+
+    assert [b for b in bodies if b.startswith("a")] == [f"a{i}" for i in range(6)]
+
+
+@pytest.mark.timeout(30)
+def test_fifo_group_is_blocked_while_one_of_its_messages_is_in_flight(
+    broker: Broker, fifo_queue: str
+) -> None:
+    broker.send_batch(fifo_queue, [fifo(f"a{i}") for i in range(3)])
+    [held] = wait_until(lambda: broker.receive(fifo_queue, 1, 0.5), 10, message="nothing came")
+    assert held.body == "a0"
+
+    assert broker.receive(fifo_queue, 10, 1) == []  # a1 and a2 wait while a0 is in flight
+
+    assert broker.change_visibility([held], 0) == {}
+    assert drain_in_order(broker, fifo_queue, "a2") == ["a0", "a1", "a2"]
+
+
+@pytest.mark.timeout(30)
+def test_fifo_group_held_by_a_visibility_delay_stays_blocked(
+    broker: Broker, fifo_queue: str
+) -> None:
+    """A FIFO message delayed by visibility (ebsqs's FIFO delay) holds its group back."""
+    broker.send_batch(fifo_queue, [fifo("a0"), fifo("a1")])
+    [held] = wait_until(lambda: broker.receive(fifo_queue, 1, 0.5), 10, message="nothing came")
+    assert held.body == "a0"
+
+    assert broker.change_visibility([held], 60) == {}
+
+    assert broker.receive(fifo_queue, 10, 1) == []
+
+
+@pytest.mark.timeout(30)
+def test_fifo_other_groups_are_not_blocked(broker: Broker, fifo_queue: str) -> None:
+    broker.send_batch(fifo_queue, [fifo("a0", "a"), fifo("a1", "a"), fifo("b0", "b")])
+    [held] = wait_until(lambda: broker.receive(fifo_queue, 1, 0.5), 10, message="nothing came")
+    blocked, other = held.body[0], "b" if held.body[0] == "a" else "a"
+    received: list[ReceivedMessage] = []
+
+    def other_group_came() -> bool:
+        received.extend(broker.receive(fifo_queue, 10, 0.5))
+        return any(m.body.startswith(other) for m in received)
+
+    wait_until(other_group_came, 10, message=lambda: f"{other} never came: {received}")
+    assert held.body == f"{blocked}0"
+    assert not [m.body for m in received if m.body.startswith(blocked)]
+
+
+@pytest.mark.timeout(30)
+def test_fifo_duplicate_dedup_id_within_the_window_is_delivered_once(
+    broker: Broker, fifo_queue: str
+) -> None:
+    broker.send(fifo_queue, fifo("first", dedup="d"))
+    broker.send(fifo_queue, fifo("duplicate", dedup="d"))
+    broker.send_batch(fifo_queue, [fifo("again", dedup="d"), fifo("last", dedup="e")])
+
+    assert drain_in_order(broker, fifo_queue, "last") == ["first", "last"]
+
+
+@pytest.mark.timeout(30)
+def test_fifo_duplicate_send_returns_the_first_message_id(
+    broker: Broker, broker_kind: str, fifo_queue: str, request: pytest.FixtureRequest
+) -> None:
+    xfail_on(request, broker_kind, {"sqs-moto": MOTO_DEDUP_IDS})
+    first = broker.send(fifo_queue, fifo("first", dedup="d"))
+
+    assert broker.send(fifo_queue, fifo("duplicate", dedup="d")) == first
+    assert broker.send_batch(fifo_queue, [fifo("again", dedup="d")]) == [first]
+
+
+@pytest.mark.timeout(30)
+def test_fifo_send_without_dedup_id_dedups_on_the_body(broker: Broker, fifo_queue: str) -> None:
+    """ensure_queue gives FIFO queues content-based deduplication (SQS: the body's SHA-256)."""
+    for body in ("same", "same", "other"):
+        broker.send(fifo_queue, OutgoingMessage(body, group_id="g"))
+
+    received: list[ReceivedMessage] = []
+
+    def got_other() -> bool:
+        batch = broker.receive(fifo_queue, 10, 0.5)
+        broker.ack(batch)
+        received.extend(batch)
+        return any(m.body == "other" for m in received)
+
+    wait_until(got_other, 10, message=lambda: f"received {received}")
+    assert [m.body for m in received] == ["same", "other"]
+    assert received[0].dedup_id == hashlib.sha256(b"same").hexdigest()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("metadata", [True, False], ids=["metadata", "no-metadata"])
+def test_group_dedup_id_and_receive_count_come_back(
+    broker: Broker, fifo_queue: str, metadata: bool
+) -> None:
+    message_id = broker.send(fifo_queue, fifo("body", group="orders-7", dedup="d-1"))
+
+    [first] = wait_until(lambda: broker.receive(fifo_queue, 10, 0.5, metadata=metadata), 10)
+    assert broker.change_visibility([first], 0) == {}
+    [again] = wait_until(lambda: broker.receive(fifo_queue, 10, 0.5, metadata=metadata), 10)
+
+    assert (first.message_id, first.group_id, first.dedup_id) == (message_id, "orders-7", "d-1")
+    assert (again.group_id, again.dedup_id) == ("orders-7", "d-1")
+    assert (first.receive_count, again.receive_count) == (1, 2)
+
+
+@pytest.mark.timeout(30)
+def test_fifo_per_message_delay_is_refused(broker: Broker, fifo_queue: str) -> None:
+    with pytest.raises(BrokerError, match="FIFO queues take no per-message delay"):
+        broker.send(fifo_queue, OutgoingMessage("x", delay=5, group_id="g", dedup_id="d"))
+    with pytest.raises(BrokerError, match="FIFO queues take no per-message delay"):
+        broker.send_batch(
+            fifo_queue, [fifo("now"), OutgoingMessage("x", delay=1, group_id="g", dedup_id="e")]
+        )
+
+    assert broker.receive(fifo_queue, 10, 1) == []  # nothing of either send went out
+
+
+@pytest.mark.timeout(30)
+def test_fifo_send_without_a_group_is_refused(broker: Broker, fifo_queue: str) -> None:
+    with pytest.raises(BrokerError, match="group_id"):
+        broker.send(fifo_queue, OutgoingMessage("x", dedup_id="d"))
+
+    assert broker.receive(fifo_queue, 10, 0) == []
+
+
+# -- standard queues with groups (SQS fair queues) -------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("metadata", [True, False], ids=["metadata", "no-metadata"])
+def test_group_id_on_a_standard_queue_is_kept(
+    broker: Broker, broker_kind: str, queue: str, metadata: bool
+) -> None:
+    message_id = broker.send(queue, OutgoingMessage("tenant work", group_id="tenant-42"))
+
+    [received] = wait_until(lambda: broker.receive(queue, 10, 0.5, metadata=metadata), 10)
+
+    assert (received.message_id, received.body) == (message_id, "tenant work")
+    assert received.dedup_id is None
+    if broker_kind == "sqs-fauxqs":
+        pytest.skip(FAUXQS_FAIR_GROUPS)
+    assert received.group_id == "tenant-42"
+
+
+# -- sizes and attributes ----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_body_limit_is_the_queue_size_set_by_ensure_queue(
+    broker: Broker, make_queue: Callable[..., str], unique_queue: Callable[..., str]
+) -> None:
+    dlq = unique_queue()
+    queue = make_queue(max_body_bytes=2048, dead_letter_queue=dlq)
+
+    limit = broker.body_limit(queue)
+
+    assert limit.bytes == 2048
+    assert repr(queue) in limit.source
+    assert broker.body_limit(dlq).bytes == 2048
+    broker.send(queue, OutgoingMessage("x" * 2048))
+    with pytest.raises(MessageTooLargeError) as error:
+        broker.send(queue, OutgoingMessage("x" * 2049))
+    assert (error.value.size, error.value.limit, error.value.source) == (
+        2049,
+        2048,
+        limit.source,
+    )
+    assert [len(m.body) for m in broker.receive(queue, 10, 2)] == [2048]
+
+
+@pytest.mark.timeout(30)
+def test_body_limit_of_a_missing_queue_is_the_brokers(
+    broker: Broker, unique_queue: Callable[..., str]
+) -> None:
+    missing = unique_queue()
+
+    limit = broker.body_limit(missing)
+
+    assert limit.bytes == broker.max_body_bytes
+    assert "does not exist" in limit.source and repr(missing) in limit.source
+
+
+@pytest.mark.timeout(30)
+def test_default_queue_takes_a_mebibyte(broker: Broker, queue: str) -> None:
+    assert broker.body_limit(queue).bytes == 1024 * 1024
+
+
+@pytest.mark.timeout(30)
+def test_size_check_counts_attributes(broker: Broker, make_queue: Callable[..., str]) -> None:
+    queue = make_queue(max_body_bytes=1024)  # SQS's smallest
+    # 1000 + "n" + "Number" + 17 digits = 1024; a String of the same text counts the same.
+    at_limit = OutgoingMessage("x" * 1000, attributes={"n": 12345678901234567})
+    over = OutgoingMessage("x" * 1000, attributes={"n": "123456789012345678"})
+
+    broker.send(queue, at_limit)
+    with pytest.raises(MessageTooLargeError) as error:
+        broker.send(queue, over)
+
+    assert (error.value.size, error.value.limit) == (1025, 1024)
+    [received] = broker.receive(queue, 10, 2)
+    assert dict(received.attributes) == {"n": "12345678901234567"}
+
+
+@pytest.mark.timeout(30)
+def test_number_attributes_round_trip_as_text(broker: Broker, queue: str) -> None:
+    attributes: dict[str, str | int] = {"count": 42, "negative": -7, "text": "42"}
+
+    broker.send(queue, OutgoingMessage("numbers", attributes=attributes))
+
+    [received] = broker.receive(queue, 10, 2)
+    assert dict(received.attributes) == {"count": "42", "negative": "-7", "text": "42"}
+
+
+@pytest.mark.timeout(30)
+def test_worker_attributes_come_back_without_metadata(broker: Broker, queue: str) -> None:
+    size, digest = WORKER_ATTRIBUTES[0], WORKER_ATTRIBUTES[2]
+    attributes: dict[str, str | int] = {size: 300_000, digest: "ab" * 32, "other": "x"}
+    broker.send(queue, OutgoingMessage("pointer", attributes=attributes))
+
+    [received] = broker.receive(queue, 10, 2, metadata=False)
+
+    assert received.attributes[size] == "300000"
+    assert received.attributes[digest] == "ab" * 32
