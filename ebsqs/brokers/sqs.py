@@ -238,7 +238,7 @@ class SQSBroker:
     def _create_client(self) -> SQSClient:
         # A session of our own: boto3's default session is not thread-safe, its clients are.
         try:
-            session = boto3.session.Session(region_name=self.region)
+            session = boto3_session_class()(region_name=self.region)
         except ProfileNotFound as exc:
             raise ConfigurationError(f"{exc}: fix or unset AWS_PROFILE") from exc
         if not session.region_name:
@@ -626,6 +626,20 @@ class SQSBroker:
         url = self._url(queue)
         self._call(queue, lambda c: c.delete_queue(QueueUrl=url))
         self._known.pop(queue, None)
+
+
+def boto3_session_class() -> type[boto3.session.Session]:
+    """boto3's own ``Session`` class, even where a library replaced it.
+
+    Importing AWS's ``sqs_extended_client`` (a team migrating from it may) replaces
+    ``boto3.session.Session`` for the whole process with a subclass whose SQS clients fetch
+    claim-check payloads themselves, from any bucket, and rewrite receipt handles: ebsqs's bucket,
+    digest and signature checks would be bypassed. ebsqs's clients come from the class it extends.
+    """
+    for cls in boto3.session.Session.__mro__:
+        if cls.__module__ == "boto3.session" and cls.__name__ == "Session":
+            return cls
+    return boto3.session.Session
 
 
 def _access_denied(

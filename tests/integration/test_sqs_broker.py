@@ -687,3 +687,34 @@ def test_forked_child_builds_its_own_client(broker: SQSBroker, queue: str) -> No
     assert broker.client is parent_client
     bodies = sorted(m.body for m in receive_all(broker, queue, 2))
     assert bodies == ["from the child", "from the parent"]
+
+
+@pytest.mark.timeout(30)
+def test_an_app_that_imported_the_extended_client_still_gets_a_plain_sqs_client(
+    sqs_env: str, unique_queue: Callable[..., str]
+) -> None:
+    """Importing ``sqs_extended_client`` swaps ``boto3.session.Session`` for the process; an
+    Extended Client would fetch pointers itself, from any bucket, and rewrite receipt handles."""
+    import boto3
+    from sqs_extended_client.client import SQSExtendedClientSession
+
+    saved = boto3.session.Session, boto3.Session
+    boto3.session.Session = boto3.Session = SQSExtendedClientSession  # what its import does
+    try:
+        broker = SQSBroker()
+        queue = unique_queue()
+        broker.ensure_queue(queue)
+        assert not hasattr(broker.client, "large_payload_support")
+        pointer = json.dumps(
+            [
+                "software.amazon.payloadoffloading.PayloadS3Pointer",
+                {"s3BucketName": "b", "s3Key": "k"},
+            ]
+        )
+        broker.send(queue, OutgoingMessage(pointer, attributes={"ExtendedPayloadSize": 5}))
+        [message] = broker.receive(queue, 1, 0, metadata=False)
+        assert message.body == pointer  # left for ebsqs's own checks, not fetched
+        assert message.attributes["ExtendedPayloadSize"] == "5"
+        broker.close()
+    finally:
+        boto3.session.Session, boto3.Session = saved  # type: ignore[misc]
