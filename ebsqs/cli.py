@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,7 +20,8 @@ import structlog
 
 from ebsqs import executors, log
 from ebsqs.app import load_app, split_list
-from ebsqs.brokers import MAX_BATCH, Broker, OutgoingMessage, from_url
+from ebsqs.brokers import MAX_BATCH, Broker, OutgoingMessage, ReceivedMessage, from_url
+from ebsqs.brokers.base import carried_attributes, is_fifo
 from ebsqs.config import (
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -29,11 +29,10 @@ from ebsqs.config import (
     load_settings,
     queue_limits,
 )
-from ebsqs.envelope import Envelope
 from ebsqs.errors import ConfigurationError, EbsqsError, ExitCode, exit_code_for
 from ebsqs.ops import cli as ops_cli
 from ebsqs.ops.status import probe_writable, status_path
-from ebsqs.producer import ensure_queue, outgoing, send_messages
+from ebsqs.producer import Call, NamedTask, Sendable, SendOptions, ensure_queue
 from ebsqs.producer import send as send_calls
 from ebsqs.registry import registry
 from ebsqs.worker import FastStop, Worker, WorkerOptions
@@ -468,21 +467,17 @@ def send(
     kwargs = _json_param(kwargs_json, dict, "--kwargs")
     settings = settings_from(broker)
     load_app(split_list(apps))
+    target: Sendable
     if task_name in registry:
-        task = registry.get(task_name)
-        options = task.send_with(queue_name=queue, delay=delay).options
-        # These settings, not the producer's own reading of them: --broker must reach it.
-        [task_id] = send_calls(task, [task.call(*args, **kwargs)], options, settings=settings)
-        click.echo(task_id)
-        return
-    if apps:
+        target = registry.get(task_name)
+        options = registry.get(task_name).send_with(queue_name=queue, delay=delay).options
+    elif apps:
         raise click.BadParameter(f"no task {task_name!r} in {', '.join(apps)}", param_hint="TASK")
-    envelope = Envelope(task=task_name, args=tuple(args), kwargs=kwargs)
-    the_broker = from_url(settings.broker_url)
-    message = outgoing(envelope, time.time() + (delay or 0), settings, the_broker.max_body_bytes)
-    target = settings.physical_queue(queue or settings.default_queue)
-    send_messages(the_broker, settings, target, [message])
-    click.echo(envelope.id)
+    else:
+        target, options = NamedTask(task_name), SendOptions(queue_name=queue, delay=delay)
+    # These settings, not the producer's own reading of them: --broker must reach it.
+    [task_id] = send_calls(target, [Call(tuple(args), kwargs)], options, settings=settings)
+    click.echo(task_id)
 
 
 def _json_param(text: str, kind: type, flag: str) -> Any:
@@ -591,10 +586,22 @@ def redrive(broker: Broker, source: str, target: str, limit: int | None) -> int:
         batch = broker.receive(source, want, wait_seconds=0, visibility_timeout=60)
         if not batch:
             break
-        broker.send_batch(target, [OutgoingMessage(m.body) for m in batch])
+        broker.send_batch(target, [redriven(m, fifo=is_fifo(target)) for m in batch])
         broker.ack(batch)
         moved += len(batch)
     return moved
+
+
+def redriven(message: ReceivedMessage, *, fifo: bool) -> OutgoingMessage:
+    """A dead letter sent back: its body, its group and its claim-check attributes, not the
+    reasons. On FIFO its deduplication id is fixed per dead letter, so a redrive interrupted
+    between the send and the delete does not run it twice."""
+    return OutgoingMessage(
+        message.body,
+        attributes=carried_attributes(message),
+        group_id=message.group_id,
+        dedup_id=f"{message.message_id}:redrive" if fifo else None,
+    )
 
 
 @dlq.command("peek")

@@ -96,6 +96,10 @@ class Envelope:
         """The envelope of the retry that follows this attempt."""
         return _replace(self, attempt=self.attempt + 1, due=due)
 
+    def at_attempt(self, attempt: int) -> Envelope:
+        """The same message counted as another attempt (a FIFO retry keeps its message)."""
+        return _replace(self, attempt=attempt)
+
     def with_due(self, due: float | None) -> Envelope:
         """The same attempt, due at another time (a long delay hopping through the queue)."""
         return _replace(self, due=due)

@@ -51,6 +51,10 @@ class SerializationError(EbsqsError, TypeError):
     """Task arguments that the wire format cannot carry, raised at ``.delay()``."""
 
 
+class MessageGroupError(EbsqsError, ValueError):
+    """A message group or deduplication id SQS would refuse, raised at ``.delay()``."""
+
+
 class MessageTooLargeError(EbsqsError, ValueError):
     """An encoded body larger than the broker accepts, raised at ``.delay()``."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,12 +22,24 @@ from typing import Any, Protocol
 
 from ebsqs import middleware
 from ebsqs.brokers import MAX_DELAY_SECONDS, Broker, OutgoingMessage, from_url
-from ebsqs.brokers.base import QueueSettings
-from ebsqs.brokers.checks import batch_ranges, utf8_size
+from ebsqs.brokers.base import BodyLimit, QueueSettings, is_fifo
+from ebsqs.brokers.checks import batch_ranges
 from ebsqs.config import Settings, load_settings
 from ebsqs.eager import run_eagerly
 from ebsqs.envelope import Envelope, encode, new_id
-from ebsqs.errors import BrokerError, MessageTooLargeError, PartialBatchError, QueueDoesNotExist
+from ebsqs.errors import (
+    BrokerError,
+    MessageGroupError,
+    PartialBatchError,
+    QueueDoesNotExist,
+)
+from ebsqs.payload import Payloads
+
+#: The message group of a FIFO message whose task and call name none: the queue is then one
+#: line, in send order.
+DEFAULT_FIFO_GROUP = "default"
+#: SQS's rule for message groups and deduplication ids.
+_SQS_ID = re.compile(r"[!-~]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +51,11 @@ class SendOptions:
         delay: seconds before the task may run; any length (past 15 minutes it hops).
         eta: an aware or UTC-naive datetime before which it must not run.
         max_retries: override the task's retries for this call.
-        group_id: FIFO message group.
-        dedup_id: FIFO deduplication id.
+        group_id: the message group: on a FIFO queue the group kept in order (django-eb-sqs's
+            option), on a standard queue the tenant SQS's fair queues balance.
+        tenant: the same field by its fair-queue name; ``group_id`` wins when both are set.
+        deduplication_id: FIFO deduplication id: SQS drops another send with the same id
+            within five minutes. Defaults to the task id.
         execute_inline: run now in this process (django-eb-sqs's option).
     """
 
@@ -48,7 +64,8 @@ class SendOptions:
     eta: dt.datetime | None = None
     max_retries: int | None = None
     group_id: str | None = None
-    dedup_id: str | None = None
+    tenant: str | None = None
+    deduplication_id: str | None = None
     execute_inline: bool | None = None
 
 
@@ -83,6 +100,25 @@ class Sendable(Protocol):
     def default_delay(self) -> float | None:
         """The default delay in seconds, or None."""
         ...
+
+    def group_for(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
+        """The message group (FIFO group or fair-queue tenant) of one call, or None."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class NamedTask:
+    """A task known only by its name (``ebsqs send`` of a task this process did not import):
+    sent with the defaults of the settings."""
+
+    name: str
+    queue_name: str | None = None
+    max_retries: int | None = None
+    default_delay: float | None = None
+
+    def group_for(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
+        """No group of its own: the call's, or a FIFO queue's default."""
+        return None
 
 
 def due_time(options: SendOptions, default_delay: float, now: float) -> float:
@@ -136,10 +172,11 @@ def send(
     later = middleware.send_later(on_commit=on_commit)
     if later is None:
         return send_now(task, calls, options, settings=settings)
-    # Fix the task ids and check the arguments now; the messages are sent later.
+    # Fix the task ids and check the arguments and groups now; the messages are sent later.
     calls = [replace(call, task_id=call.task_id or new_id()) for call in calls]
     for call in calls:
         encode(new_envelope(task, call, 0, 0.0))  # raises SerializationError, naming the argument
+        message_group(task, call, options, fifo=False)
     later(functools.partial(send_now, task, calls, options, settings=settings))
     return [call.task_id for call in calls if call.task_id]
 
@@ -168,46 +205,112 @@ def send_now(
     if settings.eager or options.execute_inline:
         return [run_eagerly(envelope, settings) for envelope in envelopes]
     logical = _first(options.queue_name, task.queue_name, settings.default_queue)
+    physical = settings.physical_queue(logical)
     broker = broker_for(settings.broker_url)
+    limit = broker.body_limit(physical)
+    fifo = is_fifo(physical)
     messages = [
-        outgoing(envelope, due, settings, broker.max_body_bytes, options, logical)
-        for envelope in envelopes
+        outgoing(
+            envelope,
+            due,
+            settings,
+            limit,
+            target=physical,
+            queue=logical,
+            group_id=message_group(task, call, options, fifo=fifo),
+            dedup_id=_dedup_id(options.deduplication_id or envelope.id) if fifo else None,
+        )
+        for call, envelope in zip(calls, envelopes, strict=True)
     ]
     task_ids = [envelope.id for envelope in envelopes]
-    send_messages(broker, settings, settings.physical_queue(logical), messages, task_ids=task_ids)
+    send_messages(broker, settings, physical, messages, task_ids=task_ids)
     return task_ids
+
+
+def message_group(task: Sendable, call: Call, options: SendOptions, *, fifo: bool) -> str | None:
+    """The message group of one call: the call's ``group_id`` or ``tenant``, else the task's
+    (``fifo_group``, ``group_by``, ``tenant``); on a FIFO queue :data:`DEFAULT_FIFO_GROUP` when
+    none is named.
+
+    Raises:
+        MessageGroupError: the group is not 1-128 printable ASCII characters (SQS's rule).
+    """
+    group = options.group_id or options.tenant
+    if group is None:
+        group = task.group_for(tuple(call.args), call.kwargs)
+    if group is None:
+        return DEFAULT_FIFO_GROUP if fifo else None
+    if not isinstance(group, str) or not _SQS_ID.fullmatch(group):
+        raise MessageGroupError(
+            f"task {task.name!r}: message group {group!r} must be a string of 1 to 128 "
+            "printable ASCII characters (letters, digits, punctuation; no spaces)"
+        )
+    return group
+
+
+def _dedup_id(value: str) -> str:
+    if not _SQS_ID.fullmatch(value):
+        raise MessageGroupError(
+            f"deduplication id {value!r} must be 1 to 128 printable ASCII characters "
+            "(letters, digits, punctuation; no spaces)"
+        )
+    return value
 
 
 def outgoing(
     envelope: Envelope,
     due: float,
     settings: Settings,
-    limit: int,
-    options: SendOptions | None = None,
+    limit: BodyLimit,
+    *,
+    target: str,
     queue: str | None = None,
+    group_id: str | None = None,
+    dedup_id: str | None = None,
 ) -> OutgoingMessage:
-    """The broker message for an envelope due at ``due``, size-checked.
+    """The broker message for an envelope due at ``due``, packed to fit ``limit``.
 
-    ``queue`` is the logical queue, written into django-eb-sqs bodies (``legacy_producer``).
+    Args:
+        envelope: what to send.
+        due: epoch seconds before which it must not run.
+        settings: signing, the legacy format, compression and the claim-check bucket.
+        limit: the target queue's largest message.
+        target: the physical queue it goes to (FIFO or not; the claim-check's key folder).
+        queue: the logical queue, written into django-eb-sqs bodies (``legacy_producer``).
+        group_id: its message group.
+        dedup_id: its FIFO deduplication id.
 
     Delays past SQS's 15 minutes put the due time in the body and the longest delay SQS allows
-    on the message; the worker sends it on again until it is due.
+    on the message; the worker sends it on again until it is due. A FIFO queue takes no
+    per-message delay at all: the due time goes in the body and the worker that receives the
+    message early keeps it invisible (and its group waiting) until then.
+
+    Raises:
+        MessageTooLargeError: over the queue's limit, with no claim-check bucket to take it.
+        PayloadUnavailable: the claim-check bucket could not be written; nothing was sent.
     """
+    fifo = is_fifo(target)
     remaining = due - time.time()
-    if remaining > MAX_DELAY_SECONDS:
+    if remaining > (1 if fifo else MAX_DELAY_SECONDS):
         envelope = envelope.with_due(due)
     body = encode(
         envelope, signing_key=settings.signing_keys, legacy=settings.legacy_producer, queue=queue
     )
-    size = utf8_size(body)
-    if size > limit:
-        raise MessageTooLargeError(size, limit, envelope.task)
+    packed = payloads(settings).pack(body, limit, task=envelope.task, queue=target)
     return OutgoingMessage(
-        body=body,
-        delay=min(max(round(remaining), 0), MAX_DELAY_SECONDS),
-        group_id=options.group_id if options else None,
-        dedup_id=options.dedup_id if options else None,
+        body=packed.body,
+        delay=0 if fifo else min(max(round(remaining), 0), MAX_DELAY_SECONDS),
+        attributes=packed.attributes,
+        group_id=group_id,
+        dedup_id=dedup_id,
     )
+
+
+@functools.cache
+def payloads(settings: Settings) -> Payloads:
+    """The claim-check and compression of these settings, one per process and settings (its S3
+    client is made only when a body needs it)."""
+    return Payloads(settings)
 
 
 def send_messages(
@@ -294,7 +397,7 @@ def ensure_queue(broker: Broker, settings: Settings, queue: str) -> None:
             visibility_timeout=settings.visibility_timeout,
             dead_letter_queue=dead_letter,
             max_receive_count=settings.max_receive_count,
-            fifo=queue.endswith(".fifo"),
+            fifo=is_fifo(queue),
         ),
     )
     # structlog is imported here, not at the top: `import ebsqs` (a web process that only calls

@@ -17,16 +17,28 @@ from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 from ebsqs import producer
 from ebsqs.backoff import Backoff
 from ebsqs.context import current_or_none
-from ebsqs.errors import MaxRetriesReachedException, Retry
+from ebsqs.errors import ConfigurationError, MaxRetriesReachedException, MessageGroupError, Retry
 from ebsqs.producer import Call, SendOptions
 from ebsqs.registry import TaskRegistry, registry
 
 P = ParamSpec("P")
 R = TypeVar("R")
+#: A function of a call's arguments that names its message group (``group_by=``, ``tenant=``).
+GroupRule = Callable[..., object]
 
-#: Keywords ``.delay()`` takes as send options, as django-eb-sqs did, unless the function
-#: itself has a parameter of that name.
-LEGACY_OPTIONS = frozenset({"delay", "queue_name", "max_retries", "group_id", "execute_inline"})
+#: Keywords ``.delay()`` takes as send options, unless the function itself has a parameter of
+#: that name: django-eb-sqs's five, and the per-call message group and deduplication id.
+SEND_KEYWORDS = frozenset(
+    {
+        "delay",
+        "queue_name",
+        "max_retries",
+        "group_id",
+        "execute_inline",
+        "tenant",
+        "deduplication_id",
+    }
+)
 
 
 class Task(Generic[P, R]):
@@ -44,9 +56,20 @@ class Task(Generic[P, R]):
         time_limit: float | None = None,
         soft_time_limit: float | None = None,
         delay: float | None = None,
+        fifo_group: str | None = None,
+        group_by: GroupRule | None = None,
+        tenant: str | GroupRule | None = None,
         options: SendOptions | None = None,
         registry: TaskRegistry = registry,
     ) -> None:
+        rules = [rule for rule in (fifo_group, group_by, tenant) if rule is not None]
+        if len(rules) > 1:
+            raise ConfigurationError(
+                "fifo_group=, group_by= and tenant= all set the message group: give one"
+            )
+        if group_by is not None and not callable(group_by):
+            raise ConfigurationError("group_by= takes a function of the task's arguments")
+        self.group_rule: str | GroupRule | None = rules[0] if rules else None
         self.fn = fn
         self.name = name or f"{fn.__module__}.{fn.__qualname__}"
         self.queue_name = queue_name
@@ -59,6 +82,25 @@ class Task(Generic[P, R]):
         self.options = options or SendOptions()
         functools.update_wrapper(self, fn)
 
+    def group_for(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
+        """The message group of one call: ``fifo_group``, ``tenant``, or what ``group_by`` (or
+        a callable ``tenant``) returns for these arguments; None when none is set.
+
+        Raises:
+            MessageGroupError: the function does not take these arguments, or failed.
+        """
+        rule = self.group_rule
+        if rule is None or isinstance(rule, str):
+            return rule
+        try:
+            value = rule(*args, **kwargs)
+        except Exception as exc:
+            raise MessageGroupError(
+                f"task {self.name!r}: its group function failed on this call's arguments "
+                f"({type(exc).__name__}: {exc}); write it as `lambda account_id, **_: ...`"
+            ) from exc
+        return None if value is None else str(value)
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the function here and now, like a plain call."""
         return self.fn(*args, **kwargs)
@@ -69,9 +111,10 @@ class Task(Generic[P, R]):
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """Send one invocation; return the task id.
 
-        ``delay=``, ``queue_name=``, ``max_retries=``, ``group_id=`` and ``execute_inline=`` are
-        taken as send options (django-eb-sqs's keywords) unless the function has a parameter of
-        that name. Typed code should prefer ``send_with(delay=300).delay(...)``.
+        ``delay=``, ``queue_name=``, ``max_retries=``, ``group_id=`` and ``execute_inline=``
+        (django-eb-sqs's keywords), ``tenant=`` and ``deduplication_id=`` are taken as send
+        options unless the function has a parameter of that name. Typed code should prefer
+        ``send_with(delay=300).delay(...)``.
 
         Raises:
             SerializationError: an argument JSON cannot carry.
@@ -120,7 +163,7 @@ class Task(Generic[P, R]):
         raise Retry(delay, reason)
 
     def _split_options(self, kwargs: dict[str, Any]) -> tuple[SendOptions, dict[str, Any]]:
-        reserved = LEGACY_OPTIONS & kwargs.keys() - _parameters(self.fn)
+        reserved = SEND_KEYWORDS & kwargs.keys() - _parameters(self.fn)
         if not reserved:
             return self.options, kwargs
         chosen = {key: kwargs.pop(key) for key in reserved}
@@ -185,6 +228,9 @@ def task(
     time_limit: float | None = None,
     soft_time_limit: float | None = None,
     delay: float | None = None,
+    fifo_group: str | None = None,
+    group_by: GroupRule | None = None,
+    tenant: str | GroupRule | None = None,
     options: SendOptions | None = None,
     registry: TaskRegistry = registry,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
@@ -199,7 +245,10 @@ def task(fn: Callable[P, R] | None = None, /, **settings: Any) -> Any:
             runs; 0 means none), ``name`` (default ``module.qualname``), ``retry_on``
             (exception types that schedule a retry), ``backoff`` (a :class:`Backoff`),
             ``time_limit`` / ``soft_time_limit`` (seconds), ``delay`` (default seconds),
-            ``options`` (default :class:`SendOptions`), ``registry``.
+            ``fifo_group`` (the FIFO message group of every call), ``group_by`` (a function of
+            the call's arguments naming its group: ``lambda order_id, **_: order_id``),
+            ``tenant`` (the fair-queue tenant on a standard queue: a name, or such a
+            function), ``options`` (default :class:`SendOptions`), ``registry``.
     """
 
     def decorate(function: Callable[P, R]) -> Task[P, R]:

@@ -33,6 +33,11 @@ WORKER_ATTRIBUTES = (
 )
 
 
+def is_fifo(queue: str) -> bool:
+    """Whether a broker-side queue name is a FIFO queue's (on SQS the name ends in ``.fifo``)."""
+    return queue.endswith(".fifo")
+
+
 @dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     """One message to send.
@@ -73,6 +78,17 @@ class ReceivedMessage:
     sent_at: float | None = None
     group_id: str | None = None
     dedup_id: str | None = None
+
+
+def carried_attributes(message: ReceivedMessage) -> dict[str, str | int]:
+    """The attributes a copy of ``message`` (a dead letter, a redrive) must keep: those of its
+    claim-check pointer, the payload sizes as the ``Number`` attributes they were sent as."""
+    carried: dict[str, str | int] = {}
+    for name in WORKER_ATTRIBUTES:
+        value = message.attributes.get(name)
+        if value is not None:
+            carried[name] = int(value) if value.isdigit() else value
+    return carried
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from ebsqs.backoff import Backoff
 from ebsqs.brokers import ReceivedMessage
+from ebsqs.brokers.base import is_fifo
 from ebsqs.counters import Counters
 from ebsqs.envelope import Envelope
 from ebsqs.executors.execution import Job
@@ -75,6 +76,18 @@ class Held:
     visible_until: float = 0.0
     first_received: float = field(default_factory=time.monotonic)
     lost: bool = False  # the broker called its receipt dead: extending it is pointless
+
+    @property
+    def fifo(self) -> bool:
+        """Whether the message came from a FIFO queue (retries and delays then keep it)."""
+        return is_fifo(self.message.queue)
+
+    @property
+    def group(self) -> tuple[str, str] | None:
+        """The FIFO group the message belongs to (queue and group), or None."""
+        if self.message.group_id is None or not self.fifo:
+            return None
+        return (self.message.queue, self.message.group_id)
 
     @property
     def key(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 import sys
 import threading
@@ -30,10 +31,10 @@ import structlog
 
 from ebsqs import middleware
 from ebsqs.backoff import Backoff
-from ebsqs.brokers import MAX_BATCH, Broker
+from ebsqs.brokers import MAX_BATCH, MAX_VISIBILITY_SECONDS, Broker
 from ebsqs.config import Settings
 from ebsqs.counters import Counters
-from ebsqs.envelope import decode
+from ebsqs.envelope import MAX_BODY_BYTES, Envelope, decode
 from ebsqs.errors import (
     BrokerError,
     ConfigurationError,
@@ -44,6 +45,7 @@ from ebsqs.errors import (
 from ebsqs.executors.base import Executor
 from ebsqs.executors.execution import Job, Outcome
 from ebsqs.middleware import Action, Decision
+from ebsqs.payload import Payloads, PayloadUnavailable
 from ebsqs.producer import ensure_queue
 from ebsqs.registry import TaskRegistry, registry
 from ebsqs.worker.held import Held, HeldMessages, WorkerState, WorkerStatus
@@ -58,8 +60,23 @@ log = structlog.get_logger(__name__)
 RECEIVE_BACKOFF = Backoff(0.5, 30.0)
 #: Receives failed in a row after which the worker reports itself degraded.
 DEGRADED_AFTER = 3
+#: Seconds an offloaded message waits before another try when S3 could not be read.
+PAYLOAD_RETRY_SECONDS = 10
 #: What SQS says when it refuses a call for its rate or a limit.
 THROTTLED = ("Throttl", "OverLimit", "RequestThrottled", "SlowDown")
+
+
+def fifo_attempt(envelope: Envelope, receive_count: int) -> int:
+    """The attempt a message from a FIFO queue is on.
+
+    A FIFO retry keeps its message (the body, which counts attempts on a standard queue, cannot
+    change), so each receive past the first is an attempt, less the receives that only kept a
+    delayed message waiting until it was due (one per 12 hours of delay).
+    """
+    waits = 0
+    if envelope.due is not None and envelope.due > envelope.enqueued_at:
+        waits = math.ceil((envelope.due - envelope.enqueued_at) / MAX_VISIBILITY_SECONDS)
+    return envelope.attempt + max(receive_count - 1 - waits, 0)
 
 
 class FastStop(BaseException):
@@ -108,6 +125,12 @@ class Worker:
         self.state = WorkerState.STARTING
         self._held = HeldMessages()
         self._pending: deque[Held] = deque()
+        # FIFO groups: one task of a group at a time, in order. A group whose message went
+        # back to its queue (a retry, a delay, a release) is yielded: its later messages in
+        # hand are released too, to come after it. The keeper's thread may yield a group, so
+        # yields wait in a deque (thread-safe) for the loop's thread.
+        self._running_groups: set[tuple[str, str]] = set()
+        self._yielded_groups: deque[tuple[str, str]] = deque()
         self._stopping = threading.Event()
         self._receive_failures = 0  # in a row
         self._started = 0
@@ -118,6 +141,7 @@ class Worker:
         self._queues = cycle(options.queues)
         self._runs_here = executor.capabilities.runs_in_loop_thread
         self._pulse = Pulse()
+        self._payloads = Payloads(settings)
         self._settler = Settler(
             broker,
             settings,
@@ -125,6 +149,7 @@ class Worker:
             self.counters,
             io=self._pulse.blocked,
             ack_wait=options.ack_wait,
+            payloads=self._payloads,
         )
         self._keeper = Keeper(
             self._held,
@@ -334,20 +359,33 @@ class Worker:
     def _accept(self, held: Held) -> None:
         """Decode and check one message; keep it if it can run, else dead-letter or hop it."""
         try:
+            body, stored = self._payloads.unpack(held.message)
             envelope = decode(
-                held.message.body,
+                body,
                 signing_key=self.settings.signing_keys,
                 accept_pickle=self.settings.accept_pickle,
                 max_signature_age=self.settings.signature_max_age,
+                max_bytes=max(self.settings.max_payload_bytes, MAX_BODY_BYTES),
             )
             task = self.registry.get(envelope.task)
         except EnvelopeError as exc:
             self._settler.reject(held, exc)
             return
+        except PayloadUnavailable as exc:
+            # S3, not the message, failed: try again later, never dead-letter for this.
+            log.error("payload_unavailable", message_id=held.key, error=str(exc))
+            self._settler.release([held.message], "payload unavailable", PAYLOAD_RETRY_SECONDS)
+            self._yield_group(held)
+            return
+        if stored is not None:
+            self._settler.stored[held.key] = stored
+        if held.fifo:
+            envelope = envelope.at_attempt(fifo_attempt(envelope, held.message.receive_count))
         held.envelope = envelope
         held.backoff = task.backoff
         if envelope.due is not None and envelope.due > time.time() + 1:
             self._settler.hop(held, envelope)
+            self._yield_group(held)
             return
         hard, soft = self.settings.time_limits_for(held.queue)
         held.job = Job(
@@ -362,15 +400,23 @@ class Worker:
         self._pending.append(held)
 
     def _start_pending(self) -> None:
+        self._release_yielded()
         while self._pending and self.executor.free_slots() > 0 and not self._stopping.is_set():
             if self._reached_max_tasks():
                 return
-            held = self._pending.popleft()
+            held = self._next_startable()
+            if held is None:
+                return  # what waits is behind running tasks of its FIFO group
             assert held.job is not None
             decision = middleware.decide(held.job)
             if decision.action is not Action.RUN:
                 self._hold_back(held, decision)
                 continue
+            if held.group is not None:
+                self._running_groups.add(held.group)
+                # The message before it in its group may await its delete: a crash now would
+                # run that one again after this one. FIFO order wins over batching deletes.
+                self._settler.flush_acks()
             self._started += 1
             held.start(time.monotonic())
             self.state = WorkerState.BUSY
@@ -388,11 +434,39 @@ class Worker:
             # batch never repeats finished work (the deletes still go out ten at a time).
             self._settle(self.executor.collect(0))
 
+    def _next_startable(self) -> Held | None:
+        """The first waiting message whose FIFO group has no task running here, taken out."""
+        if not self._running_groups:
+            return self._pending.popleft()
+        for index, held in enumerate(self._pending):
+            if held.group is None or held.group not in self._running_groups:
+                del self._pending[index]
+                return held
+        return None
+
+    def _yield_group(self, held: Held) -> None:
+        """``held`` went back to its FIFO queue: what follows it in its group must wait."""
+        if held.group is not None:
+            self._yielded_groups.append(held.group)
+
+    def _release_yielded(self) -> None:
+        """Release the messages in hand of yielded FIFO groups, unstarted, to keep order."""
+        groups = set()
+        while self._yielded_groups:
+            groups.add(self._yielded_groups.popleft())
+        if not groups:
+            return
+        behind = [held for held in self._pending if held.group in groups]
+        if behind:
+            self._pending = deque(held for held in self._pending if held.group not in groups)
+            self._release(behind, reason="an earlier message of its FIFO group went back")
+
     def _hold_back(self, held: Held, decision: Decision) -> None:
         """A middleware said not now (defer) or never (reject)."""
         self._held.pop(held.key)
         if decision.action is Action.DEFER:
             self._settler.defer(held, decision.delay, decision.reason)
+            self._yield_group(held)
         else:
             self._settler.reject(held, EnvelopeError(decision.reason), reason="rejected")
 
@@ -405,7 +479,10 @@ class Worker:
                 outcome = middleware.classify(held.job, outcome)
                 middleware.after_outcome(held.job, outcome)
                 finished.append((held, outcome))
-        self._settler.settle(finished)
+                if held.group is not None:
+                    self._running_groups.discard(held.group)
+        for kept in self._settler.settle(finished):
+            self._yield_group(kept)
 
     def _release(self, held: Sequence[Held], reason: str, timeout: int = 0) -> None:
         """Make messages visible again (at once, or after ``timeout`` seconds)."""

@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import structlog
@@ -23,11 +24,14 @@ from ebsqs.brokers import (
     OutgoingMessage,
     ReceivedMessage,
 )
+from ebsqs.brokers.base import BodyLimit, carried_attributes, is_fifo
+from ebsqs.brokers.checks import message_bytes
 from ebsqs.config import Settings
 from ebsqs.counters import REJECTED, Counters
 from ebsqs.envelope import Envelope
 from ebsqs.errors import EbsqsError, EnvelopeError
 from ebsqs.executors.execution import Outcome, OutcomeKind
+from ebsqs.payload import ObjectRef, Payloads
 from ebsqs.producer import outgoing, send_messages
 
 if TYPE_CHECKING:
@@ -64,6 +68,7 @@ class Settler:
         counters: Counters,
         io: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
         ack_wait: float = DEFAULT_ACK_WAIT,
+        payloads: Payloads | None = None,
     ) -> None:
         """
         Args:
@@ -74,6 +79,7 @@ class Settler:
             io: wraps every broker call (the worker's pulse: waiting on the network is not a
                 stalled loop).
             ack_wait: the longest a finished message's delete waits for a full batch.
+            payloads: deletes the S3 objects of offloaded messages once they are deleted.
         """
         self.io = io
         self.broker = broker
@@ -89,21 +95,37 @@ class Settler:
         self._acks: list[ReceivedMessage] = []
         self._oldest_ack = 0.0
         self._ack_lock = threading.Lock()
+        self.payloads = payloads or Payloads(settings)
+        #: The S3 object of each held offloaded message, by message id (set by the loop). Its
+        #: object goes when the message is deleted; a dead letter (which points to it) or a
+        #: released message keeps it.
+        self.stored: dict[str, ObjectRef] = {}
         #: Log a line per success. Set from the configured level when the worker starts: at
         #: warning level, building the line's fields is most of the cost of a no-op task.
         self.log_successes = True
 
-    def settle(self, finished: Sequence[tuple[Held, Outcome]]) -> None:
-        """Ack, retry or dead-letter each finished message; ack in batches of ten."""
+    def settle(self, finished: Sequence[tuple[Held, Outcome]]) -> list[Held]:
+        """Ack, retry or dead-letter each finished message; ack in batches of ten.
+
+        Returns:
+            The messages that stay in their queue (released, or kept invisible for a FIFO
+            retry): on a FIFO queue, the rest of their group must wait behind them.
+        """
         acks: list[ReceivedMessage] = []
+        kept: list[Held] = []
         for held, outcome in finished:
             if outcome.kind is OutcomeKind.INTERRUPTED:
                 self.release([held.message], "interrupted", timeout=1)
+                kept.append(held)
             elif outcome.kind is OutcomeKind.CRASHED:
                 self._crashed(held, outcome)
+                kept.append(held)
             elif self._decide(held, outcome):
                 acks.append(held.message)
+            else:
+                kept.append(held)
         self.ack(acks)
+        return kept
 
     def _crashed(self, held: Held, outcome: Outcome) -> None:
         """The task's process died: redeliver the message, as after any crash."""
@@ -131,7 +153,7 @@ class Settler:
         timed_out = outcome.kind is OutcomeKind.TIMED_OUT
         stats.timed_out += timed_out
         wants_retry = timed_out or outcome.retryable or outcome.kind is OutcomeKind.RETRY
-        if wants_retry and envelope.retries_left > 0:
+        if wants_retry and envelope.retries_left > 0 and not self._last_receive(held):
             return self._retry(held, envelope, outcome, fields)
         stats.failed += 1
         reason = "retries exhausted" if wants_retry else "failed"
@@ -158,12 +180,31 @@ class Settler:
     def _fields(self, held: Held, envelope: Envelope, outcome: Outcome) -> dict[str, object]:
         return _log_fields(held, envelope, outcome, self.settings.log_arguments)
 
+    def _last_receive(self, held: Held) -> bool:
+        """A FIFO retry keeps the message, so its receive count grows with each attempt: on
+        the receive SQS's redrive policy allows last, dead-letter it here, with its reason."""
+        return held.fifo and held.message.receive_count >= self.settings.max_receive_count
+
     def _retry(
         self, held: Held, envelope: Envelope, outcome: Outcome, fields: dict[str, object]
     ) -> bool:
+        """Schedule the next attempt; True when the original may be deleted."""
         delay = outcome.retry_delay
         if delay is None:
             delay = (held.backoff or self.backoff).delay(envelope.attempt)
+        if held.fifo:
+            # The retry keeps its place at the head of its group: the same message comes back
+            # after the delay (the attempt is then counted from its receive count).
+            seconds = self.hold_invisible(held, delay, "retry")
+            self.counters.task(envelope.task).retried += 1
+            log.warning(
+                "task_retried",
+                retry_in=seconds,
+                error_type=outcome.error_type,
+                error=outcome.error,
+                **fields,
+            )
+            return False
         try:
             self._send(held, envelope.next_attempt(None), time.time() + delay)
         except EbsqsError as exc:
@@ -179,9 +220,24 @@ class Settler:
         )
         return True
 
+    def hold_invisible(self, held: Held, delay: float, reason: str) -> int:
+        """Keep a received message invisible for ``delay`` seconds (at most SQS's 12 hours a
+        receive); return the seconds set."""
+        seconds = int(min(max(round(delay), 0), MAX_VISIBILITY_SECONDS))
+        self.release([held.message], reason, timeout=seconds)
+        return seconds
+
     def hop(self, held: Held, envelope: Envelope) -> None:
-        """Send a not-yet-due message on with the rest of its delay, then delete the original."""
+        """Send a not-yet-due message on with the rest of its delay, then delete the original.
+
+        On a FIFO queue, which takes no per-message delay, the message is kept invisible until
+        it is due instead: it keeps its place (and holds its group) as long.
+        """
         assert envelope.due is not None
+        if held.fifo:
+            seconds = self.hold_invisible(held, envelope.due - time.time(), "not yet due")
+            log.debug("task_parked", task_id=envelope.id, due=envelope.due, seconds=seconds)
+            return
         try:
             self._send(held, envelope, envelope.due)
         except EbsqsError as exc:
@@ -191,11 +247,20 @@ class Settler:
         self.ack([held.message])
 
     def _send(self, held: Held, envelope: Envelope, due: float) -> None:
-        """Send ``envelope`` back to the queue ``held`` came from (retries, delay hops)."""
-        limit = self.broker.max_body_bytes
-        message = outgoing(envelope, due, self.settings, limit, queue=held.queue)
+        """Send ``envelope`` back to the standard queue ``held`` came from (retries, delay
+        hops), in the message's group (its fair-queue tenant)."""
+        queue = held.message.queue
         with self.io():
-            send_messages(self.broker, self.settings, held.message.queue, [message])
+            message = outgoing(
+                envelope,
+                due,
+                self.settings,
+                self.broker.body_limit(queue),
+                target=queue,
+                queue=held.queue,
+                group_id=held.message.group_id,
+            )
+            send_messages(self.broker, self.settings, queue, [message])
 
     def reject(self, held: Held, exc: EnvelopeError, reason: str = "rejected") -> None:
         """Dead-letter a message that must not run (undecodable, unknown task, bad signature,
@@ -243,19 +308,24 @@ class Settler:
             for key, value in attributes.items()
             if value
         }
+        copy = OutgoingMessage(
+            message.body,
+            attributes={**carried_attributes(message), **attributes},
+            group_id=message.group_id,
+            # Fixed per received message: a crash after this send and before the delete sends
+            # it again, and SQS drops that copy within its five minutes.
+            dedup_id=f"{message.message_id}:dead" if is_fifo(queue) else None,
+        )
         try:
             with self.io():
-                send_messages(
-                    self.broker,
-                    self.settings,
-                    queue,
-                    [OutgoingMessage(message.body, attributes=attributes)],
-                )
+                copy = _fitted(copy, self.broker.body_limit(queue))
+                send_messages(self.broker, self.settings, queue, [copy])
         except EbsqsError as exc:
             log.error(
                 "dead_letter_failed", queue=queue, message_id=message.message_id, error=str(exc)
             )
             return False  # keep the original: the broker's redrive policy is the backstop
+        self.stored.pop(message.message_id, None)  # the dead letter points to the object
         self.counters.task(details.get(TASK, REJECTED)).dead_lettered += 1
         log.warning(
             "message_dead_lettered",
@@ -301,9 +371,25 @@ class Settler:
             self.counters.ack_errors += len(failed)
             for message_id, why in failed.items():
                 log.warning("ack_failed", message_id=message_id, reason=why)
+            if self.stored:
+                self._discard_payloads(batch, failed)
+
+    def _discard_payloads(
+        self, deleted: Sequence[ReceivedMessage], failed: Mapping[str, str]
+    ) -> None:
+        """Delete the S3 objects of offloaded messages that were just deleted."""
+        for message in deleted:
+            if message.message_id in failed:
+                continue
+            ref = self.stored.pop(message.message_id, None)
+            if ref is not None:
+                with self.io():
+                    self.payloads.discard(ref)
 
     def release(self, messages: Sequence[ReceivedMessage], reason: str, timeout: int = 0) -> None:
         """Make messages visible again after ``timeout`` seconds (0: at once)."""
+        for message in messages:
+            self.stored.pop(message.message_id, None)  # its next receiver owns the object
         for start in range(0, len(messages), MAX_BATCH):
             batch = messages[start : start + MAX_BATCH]
             try:
@@ -349,6 +435,17 @@ class Settler:
                     else:
                         item.visible_until = now + extension
                         self.counters.extended += 1
+
+
+def _fitted(copy: OutgoingMessage, limit: BodyLimit) -> OutgoingMessage:
+    """A dead-letter copy within the dead-letter queue's limit: the body SQS already took is
+    kept whole; the longest explanations give way first (traceback, then the error text)."""
+    for name in (TRACEBACK, ERROR):
+        if message_bytes(copy) <= limit.bytes:
+            break
+        attributes = {**copy.attributes, name: "(left out: the message is at its size limit)"}
+        copy = replace(copy, attributes=attributes)
+    return copy  # still too large: the send names the size and the limit
 
 
 #: What brokers say of a receipt that can never work again (the message was received anew, or

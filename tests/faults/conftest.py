@@ -35,7 +35,9 @@ def rig(
     the_rig = Rig(
         broker=broker,
         proxy=proxy,
-        queue=servers.unique_queue_name(request.node.name),
+        queue=servers.unique_queue_name(
+            request.node.name, fifo=request.node.get_closest_marker("fifo") is not None
+        ),
         tmp_path=tmp_path,
         ledger=Ledger(tmp_path / "ledger.txt"),
     )

@@ -20,7 +20,9 @@ from typing import Any
 import psutil
 
 from ebsqs.brokers import OutgoingMessage, QueueSettings, ReceivedMessage
+from ebsqs.brokers.base import is_fifo
 from ebsqs.brokers.sqs import SQSBroker
+from ebsqs.config import Settings
 from ebsqs.envelope import Envelope, decode, encode
 from ebsqs.errors import EnvelopeError
 from ebsqs.task import Task
@@ -166,7 +168,12 @@ class Rig:
     dead_letters: DeadLetters = field(init=False)
 
     def __post_init__(self) -> None:
-        self.dead_letters = DeadLetters(self.broker, f"{self.queue}-dlq")
+        self.dead_letters = DeadLetters(self.broker, self.dead_letter_queue)
+
+    @property
+    def dead_letter_queue(self) -> str:
+        """The queue's dead-letter queue (``q-dlq``, or ``q-dlq.fifo`` for ``q.fifo``)."""
+        return Settings().dead_letter_queue_of_physical(self.queue)
 
     def create(self, visibility: int = 30, max_receive_count: int = 10) -> None:
         """Create the queue and its dead-letter queue with a redrive policy."""
@@ -174,8 +181,9 @@ class Rig:
             self.queue,
             QueueSettings(
                 visibility_timeout=visibility,
-                dead_letter_queue=f"{self.queue}-dlq",
+                dead_letter_queue=self.dead_letter_queue,
                 max_receive_count=max_receive_count,
+                fifo=is_fifo(self.queue),
             ),
         )
 

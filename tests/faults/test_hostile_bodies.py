@@ -60,12 +60,6 @@ def test_each_hostile_body_is_dead_lettered_and_its_batch_runs(rig: Rig) -> None
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue item 16.6: the worker holds what it sends to 256 KiB, so a 600 KB body a "
-    "1 MiB queue accepted can be neither retried (retry_send_failed) nor dead-lettered: it "
-    "loops until the queue's redrive policy",
-)
 def test_a_body_larger_than_256_kib_that_sqs_accepted_can_be_dead_lettered(rig: Rig) -> None:
     """Issue item 16.6: a queue whose ``MaximumMessageSize`` is 1 MiB accepts 600 KB bodies;
     a failing one runs its three attempts and reaches the dead-letter queue, never looping."""

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ebsqs import MaxRetriesReachedException, SerializationError, producer, task
-from ebsqs.brokers import OutgoingMessage
+from ebsqs.brokers import OutgoingMessage, QueueSettings
 from ebsqs.brokers.checks import MAX_BATCH_BYTES, batch_ranges, message_bytes
 from ebsqs.brokers.memory import MemoryBroker
 from ebsqs.brokers.sqs import SQSBroker
@@ -145,7 +145,8 @@ def test_oversized_body_fails_at_delay_with_size_and_limit(broker: MemoryBroker)
     def job(blob: str) -> None: ...
 
     broker.ensure_queue("q")
-    with pytest.raises(MessageTooLargeError, match=r"\d+ bytes, over the broker's limit of 262144"):
+    limit = r"over the limit of 1048576 bytes \(max_body_bytes of memory queue 'q'\)"
+    with pytest.raises(MessageTooLargeError, match=rf"is \d+ bytes, {limit}.*large_payload_bucket"):
         job.delay("x" * (2 * 1024 * 1024))
     assert broker.stats("q").visible == 0
 
@@ -220,10 +221,12 @@ def test_text_is_counted_in_utf8_bytes_so_150_kb_of_euros_fits(broker: MemoryBro
     @task(queue_name="q")
     def note(text: str) -> None: ...
 
+    # A queue whose MaximumMessageSize is the old 256 KiB: its own limit is what counts.
+    broker.ensure_queue("q", QueueSettings(max_body_bytes=256 * 1024))
     note.delay("€" * 50_000)  # 150 KB of UTF-8; escaped as \u20ac it was 300 KB, refused
     [message] = broker.receive("q", 10, 0)
     assert decode(message.body).args == ("€" * 50_000,)
-    with pytest.raises(MessageTooLargeError, match=r"is 3\d{5} bytes, over the broker's limit"):
+    with pytest.raises(MessageTooLargeError, match=r"is 3\d{5} bytes, over the limit of 262144"):
         note.delay("€" * 100_000)
 
 

@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from ebsqs import task
-from ebsqs.brokers import OutgoingMessage
+from ebsqs.brokers import OutgoingMessage, QueueSettings
 from ebsqs.brokers.memory import MemoryBroker
 from ebsqs.config import Settings
 from ebsqs.envelope import Envelope, encode
@@ -726,3 +726,30 @@ def test_backing_off_after_a_failed_receive_is_not_a_stalled_loop(
     worker.loop_once()
     assert ages == [None]
     worker.drain()
+
+
+def test_a_dead_letter_at_the_size_limit_keeps_its_body_and_drops_the_traceback(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    """The body was accepted by the queue; its dead-letter copy must fit the dead-letter queue
+    too, even with the reasons attached (SQS counts attributes toward the limit)."""
+
+    @task(name="deep", registry=reg)
+    def deep(padding: str) -> None:
+        def recurse(n: int) -> None:
+            if n == 0:
+                raise ValueError("deep failure " + "e" * 900)
+            recurse(n - 1)
+
+        recurse(50)  # a long traceback
+
+    limit = 6000
+    broker.ensure_queue("q", QueueSettings(dead_letter_queue="q-dlq", max_body_bytes=limit))
+    message_body = body("deep", "p" * 4900)
+    broker.send("q", OutgoingMessage(message_body))
+    steps(make_worker(broker, reg), 3)
+    [letter] = broker.receive("q-dlq", 10, 0)
+    assert letter.body == message_body
+    assert letter.attributes["ebsqs-reason"] == "failed"
+    assert "left out" in letter.attributes["ebsqs-traceback"]
+    assert broker.stats("q").visible + broker.stats("q").in_flight == 0
