@@ -19,7 +19,7 @@ from ebsqs import log
 from tests import servers
 
 #: Benchmark modules, in the order they run; each may not exist yet.
-MODULES = ("worker", "supervisor", "executors")
+MODULES = ("worker", "supervisor", "executors", "fifo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

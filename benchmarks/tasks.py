@@ -8,3 +8,8 @@ from ebsqs import task
 @task
 def noop(n: int) -> None:
     """Do nothing."""
+
+
+@task
+def carry(n: int, data: str) -> None:
+    """Do nothing with a payload."""

@@ -24,6 +24,7 @@ import math
 import pickle
 import random
 import re
+import sys
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -61,6 +62,8 @@ _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\[\s\S]?[^"\\]*)*(?:"|\Z)')
 _LONG_DIGITS = re.compile(f"[0-9]{{{MAX_INT_DIGITS + 1}}}")
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+#: How Python words its refusal of a digit string past ``sys.get_int_max_str_digits()``.
+_INT_LIMIT_MESSAGE = re.compile(r"integer string conversion: value has (\d+) digits")
 _BRACKET_DEPTH = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
@@ -364,10 +367,21 @@ def _check_depth(text: str) -> None:
 
 def _parse(text: str) -> dict[str, Any]:
     """The JSON object ``text`` holds (size and depth already checked)."""
-    decoder = _INT_CHECKING_DECODER if _LONG_DIGITS.search(text) else _DECODER
+    # Python refuses to convert longer digit strings itself (ValueError, before the quadratic
+    # work) unless an application raised or lifted that limit; only then is a scan needed.
+    if 0 < sys.get_int_max_str_digits() <= MAX_INT_DIGITS or not _LONG_DIGITS.search(text):
+        decoder = _DECODER
+    else:
+        decoder = _INT_CHECKING_DECODER
     try:
         payload = decoder.decode(text)
     except ValueError as exc:
+        digits = _INT_LIMIT_MESSAGE.search(str(exc))
+        if digits:  # Python's own digit limit: say it as the int-checking decoder would
+            raise EnvelopeError(
+                f"body holds an integer of {digits.group(1)} digits, over the limit of "
+                f"{MAX_INT_DIGITS}: refused"
+            ) from None
         raise EnvelopeError(f"body is not JSON ({_short(exc)})") from None
     if not isinstance(payload, dict):
         raise EnvelopeError(f"body is JSON {_json_kind(payload)}, not an object")

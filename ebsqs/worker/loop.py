@@ -416,7 +416,7 @@ class Worker:
                 self._running_groups.add(held.group)
                 # The message before it in its group may await its delete: a crash now would
                 # run that one again after this one. FIFO order wins over batching deletes.
-                self._settler.flush_acks()
+                self._settler.flush_acks_of(held.group)
             self._started += 1
             held.start(time.monotonic())
             self.state = WorkerState.BUSY

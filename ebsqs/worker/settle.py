@@ -355,6 +355,14 @@ class Settler:
                 return None
             return max(self._oldest_ack + self.ack_wait - time.monotonic(), 0.0)
 
+    def flush_acks_of(self, group: tuple[str, str]) -> None:
+        """Delete every queued message now if one of them is of this FIFO group (queue, group)."""
+        queue, group_id = group
+        with self._ack_lock:
+            waiting = any(m.group_id == group_id and m.queue == queue for m in self._acks)
+        if waiting:
+            self.flush_acks()
+
     def flush_acks(self, older_than: float = 0.0) -> None:
         """Delete every queued message now (or only if the oldest waited ``older_than`` s)."""
         with self._ack_lock:

@@ -211,7 +211,8 @@ def test_unsendable_arguments_fail_at_delay_and_send_nothing(
         bound.delay_many([("fine",), (dt.datetime.now(),)])
 
     error = too_large.value
-    assert error.limit == 256 * 1024
+    assert error.limit == 1024 * 1024  # the queue's MaximumMessageSize, read from it
+    assert "MaximumMessageSize of SQS queue" in error.source
     assert error.size > 2 * 1024 * 1024
     assert f"{error.size} bytes" in str(error) and f"{error.limit} bytes" in str(error)
     assert backend.counts(physical) == (0, 0, 0)
