@@ -175,3 +175,20 @@ def test_a_fair_queue_tenant_travels_with_retries(broker: MemoryBroker, reg: Tas
     [letter] = broker.receive("q-dlq", 10, 0)
     assert letter.group_id == "acct-7"  # the retry, and then its dead letter, kept the tenant
     assert runs == [("7", 1), ("7", 2)]
+
+
+def test_a_fifo_redrive_keeps_the_group_and_a_fixed_deduplication_id(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    from ebsqs.brokers import OutgoingMessage
+    from ebsqs.cli import redrive
+
+    broker.send(
+        "q-dlq.fifo",
+        OutgoingMessage("body", attributes={"ebsqs-reason": "failed"}, group_id="G", dedup_id="x"),
+    )
+    assert redrive(broker, "q-dlq.fifo", FIFO, None) == 1
+    [back] = broker.receive(FIFO, 10, 0)
+    assert back.group_id == "G" and back.body == "body"
+    assert back.dedup_id is not None and back.dedup_id.endswith(":redrive")
+    assert "ebsqs-reason" not in back.attributes  # the reasons stay behind
