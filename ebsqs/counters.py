@@ -94,6 +94,8 @@ class TaskStats:
         timed_out: attempts stopped at a time limit (each is also retried or failed).
         deferred: messages a middleware put back for later (rate and concurrency limits).
         crashed: attempts whose process died while running them (the message is redelivered).
+        redelivered: attempts whose environment failed (a dropped database connection): the
+            message is redelivered without using an attempt, as after a crash.
         buckets: how many attempts ran within each :data:`DURATION_BUCKETS` bound (not
             cumulative: ``buckets[i]`` counts durations in ``(bound[i-1], bound[i]]``); the
             last entry counts longer ones.
@@ -107,6 +109,9 @@ class TaskStats:
     timed_out: int = counter("Task attempts stopped at a time limit (then retried or failed).")
     deferred: int = counter("Messages a middleware deferred (released with a delay).")
     crashed: int = counter("Attempts whose process died under them (redelivered, not failed).")
+    redelivered: int = counter(
+        "Attempts whose environment failed (a dropped database connection): redelivered."
+    )
     buckets: list[int] = field(default_factory=_zero_buckets)
     duration_sum: float = 0.0
 

@@ -96,6 +96,17 @@ DEFAULT_CONFIG = Config(
     read_timeout=30,
     max_pool_connections=50,
 )
+#: Deletes and visibility changes: answered in milliseconds when SQS is reachable, so a short
+#: timeout and three attempts in all. Through a network blackhole the keeper's thread is free
+#: again within about ten seconds, rather than the three minutes of six 30-second reads, and
+#: the next extension goes out as soon as the network is back. (The long poll needs the 30 s.)
+SETTLE_CONFIG = Config(
+    retries={"mode": "standard", "total_max_attempts": 3},
+    connect_timeout=2,
+    read_timeout=3,
+    max_pool_connections=50,
+)
+_MAIN, _SETTLE = "main", "settle"
 
 # With the JSON protocol botocore reports the short code, with the query protocol the long one.
 _NOT_FOUND = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
@@ -192,11 +203,13 @@ class SQSBroker:
     ) -> None:
         self.region = region
         self.max_body_bytes = max_body_bytes
-        self._config = DEFAULT_CONFIG.merge(config) if config else DEFAULT_CONFIG
+        self._configs = {
+            _MAIN: DEFAULT_CONFIG.merge(config) if config else DEFAULT_CONFIG,
+            _SETTLE: SETTLE_CONFIG.merge(config) if config else SETTLE_CONFIG,
+        }
         self._lock = threading.Lock()
         self._lock_pid = os.getpid()
-        self._client: SQSClient | None = None
-        self._client_pid = 0
+        self._clients: dict[str, tuple[int, SQSClient]] = {}  # kind: (pid, client)
         self._known: dict[str, _Known] = {}
 
     @classmethod
@@ -209,22 +222,38 @@ class SQSBroker:
 
     @property
     def client(self) -> SQSClient:
-        """This process's boto3 SQS client, created on first use (and again after a fork).
+        """This process's boto3 SQS client for receives, sends and queue calls, created on first
+        use (and again after a fork).
 
-        Public so callers can register botocore event hooks (tracing, metrics) on it.
+        Public so callers can register botocore event hooks (tracing, metrics) on it; deletes
+        and visibility changes go through :attr:`settle_client` (see :meth:`clients`).
         """
+        return self._client_of(_MAIN)
+
+    @property
+    def settle_client(self) -> SQSClient:
+        """The client of deletes and visibility changes: :data:`SETTLE_CONFIG`'s short timeouts,
+        so a network blackhole costs a worker seconds on them, not minutes."""
+        return self._client_of(_SETTLE)
+
+    def clients(self) -> tuple[SQSClient, SQSClient]:
+        """Both clients of this process, for event hooks that must see every request."""
+        return self.client, self.settle_client
+
+    def _client_of(self, kind: str) -> SQSClient:
         pid = os.getpid()
-        client = self._client
-        if client is not None and self._client_pid == pid:
-            return client
+        made = self._clients.get(kind)
+        if made is not None and made[0] == pid:
+            return made[1]
         with self._process_lock():
-            if self._client is None or self._client_pid != pid:
-                self._client = self._create_client()
-                self._client_pid = pid
-            return self._client
+            made = self._clients.get(kind)
+            if made is None or made[0] != pid:
+                made = (pid, self._create_client(self._configs[kind]))
+                self._clients[kind] = made
+            return made[1]
 
     def _process_lock(self) -> threading.Lock:
-        """The lock guarding the client, replaced in a forked child.
+        """The lock guarding the clients, replaced in a forked child.
 
         A lock copied by fork may be held by a parent thread that does not exist in the child,
         so it would never be released there.
@@ -235,7 +264,7 @@ class SQSBroker:
             self._lock_pid = pid
         return self._lock
 
-    def _create_client(self) -> SQSClient:
+    def _create_client(self, config: Config) -> SQSClient:
         # A session of our own: boto3's default session is not thread-safe, its clients are.
         try:
             session = boto3_session_class()(region_name=self.region)
@@ -244,7 +273,7 @@ class SQSBroker:
         if not session.region_name:
             raise ConfigurationError(_NO_REGION)
         try:
-            client = session.client("sqs", config=self._config)
+            client = session.client("sqs", config=config)
         except NoRegionError as exc:
             raise ConfigurationError(_NO_REGION) from exc
         log.debug(
@@ -256,18 +285,24 @@ class SQSBroker:
         return client
 
     def close(self) -> None:
-        """Drop this process's client and the queue URL cache (a later call makes new ones)."""
+        """Drop this process's clients and the queue URL cache (a later call makes new ones)."""
         with self._process_lock():
-            client, self._client = self._client, None
-            if client is not None and self._client_pid == os.getpid():
-                client.close()
+            made, self._clients = self._clients, {}
+            for pid, client in made.values():
+                if pid == os.getpid():
+                    client.close()
             self._known.clear()
 
     # -- calls and errors ----------------------------------------------------------------
 
-    def _call(self, queue: str | None, request: Callable[[SQSClient], T]) -> T:
-        """Run one SQS request (botocore retries it), translating its errors into ours."""
-        client = self.client
+    def _call(
+        self, queue: str | None, request: Callable[[SQSClient], T], *, settle: bool = False
+    ) -> T:
+        """Run one SQS request (botocore retries it), translating its errors into ours.
+
+        ``settle``: a delete or visibility change, sent through :attr:`settle_client`.
+        """
+        client = self.settle_client if settle else self.client
         try:
             return request(client)
         except ClientError as exc:
@@ -352,17 +387,21 @@ class SQSBroker:
         queue: str,
         entries: Mapping[str, E],
         request: Callable[[list[E], SQSClient], _Answers],
+        *,
+        settle: bool = False,
     ) -> tuple[dict[str, str], dict[str, str]]:
         """Run a batch call, retrying only the entries that failed transiently.
 
         Returns ``{entry id: message id or ""}`` for the entries that succeeded and
-        ``{entry id: reason}`` for those that failed for good.
+        ``{entry id: reason}`` for those that failed for good. ``settle``: see :meth:`_call`.
         """
         pending = dict(entries)
         done: dict[str, str] = {}
         failed: dict[str, str] = {}
         for attempt in range(1, _ENTRY_ATTEMPTS + 1):
-            succeeded, errors = self._call(queue, partial(request, list(pending.values())))
+            succeeded, errors = self._call(
+                queue, partial(request, list(pending.values())), settle=settle
+            )
             done.update(succeeded)
             transient = _sort_failures(pending, succeeded, errors, failed)
             if attempt == _ENTRY_ATTEMPTS:
@@ -494,7 +533,7 @@ class SQSBroker:
         ) -> _Answers:
             return _answers(client.delete_message_batch(QueueUrl=url, Entries=batch))
 
-        _, failed = self._batch("delete_message_batch", queue, entries, request)
+        _, failed = self._batch("delete_message_batch", queue, entries, request, settle=True)
         return {chunk[int(i)].message_id: why for i, why in failed.items()}
 
     def _change_chunk(
@@ -511,7 +550,9 @@ class SQSBroker:
         ) -> _Answers:
             return _answers(client.change_message_visibility_batch(QueueUrl=url, Entries=batch))
 
-        _, failed = self._batch("change_message_visibility_batch", queue, entries, request)
+        _, failed = self._batch(
+            "change_message_visibility_batch", queue, entries, request, settle=True
+        )
         return {chunk[int(i)].message_id: why for i, why in failed.items()}
 
     # -- queues --------------------------------------------------------------------------

@@ -78,6 +78,9 @@ class Outcome:
         traceback: formatted traceback text (bounded).
         retryable: the exception is one of the task's ``retry_on`` types.
         retry_delay: the delay ``.retry(delay=...)`` asked for.
+        redeliver: the failure was the environment's, not the task's (a middleware says so,
+            e.g. a dropped database connection): the message is redelivered after a backoff
+            without using an attempt, as after a crash, until the queue's ``max_receive_count``.
     """
 
     key: str
@@ -88,6 +91,7 @@ class Outcome:
     traceback: str | None = None
     retryable: bool = False
     retry_delay: float | None = None
+    redeliver: bool = False
 
 
 def run_job(

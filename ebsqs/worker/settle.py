@@ -120,6 +120,11 @@ class Settler:
             elif outcome.kind is OutcomeKind.CRASHED:
                 self._crashed(held, outcome)
                 kept.append(held)
+            elif outcome.redeliver and outcome.kind is not OutcomeKind.SUCCEEDED:
+                if self._redeliver(held, outcome):
+                    acks.append(held.message)
+                else:
+                    kept.append(held)
             elif self._decide(held, outcome):
                 acks.append(held.message)
             else:
@@ -136,7 +141,52 @@ class Settler:
             error=outcome.error,
             **self._fields(held, held.envelope, outcome),
         )
+        if self._out_of_receives(held, "crashed", outcome):
+            self.ack([held.message])
+            return
         self.release([held.message], "its process died", timeout=1)
+
+    def _redeliver(self, held: Held, outcome: Outcome) -> bool:
+        """The environment failed the task (a middleware said so): give the message back after a
+        backoff, no attempt used. True when it was dead-lettered instead (may be deleted)."""
+        envelope = held.envelope
+        assert envelope is not None
+        self.counters.task(envelope.task).redelivered += 1
+        receives = held.message.receive_count
+        delay = _visibility_seconds(self.backoff.delay(receives))
+        log.warning(
+            "task_redelivered",
+            retry_in=delay,
+            error_type=outcome.error_type,
+            error=outcome.error,
+            **self._fields(held, envelope, outcome),
+        )
+        if self._out_of_receives(held, "redelivered", outcome):
+            return True
+        self.release([held.message], "its environment failed", timeout=delay)
+        return False
+
+    def _out_of_receives(self, held: Held, what: str, outcome: Outcome) -> bool:
+        """On the last receive the queue's redrive policy allows, dead-letter the message here,
+        with its reason, rather than leave SQS to move it without one. True once copied."""
+        receives = held.message.receive_count
+        if receives < self.settings.max_receive_count:
+            return False
+        assert held.envelope is not None
+        self.counters.task(held.envelope.task).failed += 1
+        log.error(
+            "task_failed",
+            reason=f"{what} on each of its {receives} deliveries",
+            error_type=outcome.error_type,
+            error=outcome.error,
+            traceback=outcome.traceback,
+            **self._fields(held, held.envelope, outcome),
+        )
+        return self.dead_letter(
+            held.message,
+            f"{what} on each of its {receives} deliveries",
+            _failure_details(held.envelope, outcome),
+        )
 
     def _decide(self, held: Held, outcome: Outcome) -> bool:
         """Act on one outcome; True when the original message may now be deleted."""
@@ -165,17 +215,7 @@ class Settler:
             traceback=outcome.traceback,
             **fields,
         )
-        return self.dead_letter(
-            held.message,
-            reason,
-            {
-                ERROR_TYPE: outcome.error_type or outcome.kind.value,
-                ERROR: outcome.error or "",
-                ATTEMPTS: str(envelope.attempt),
-                TASK: envelope.task,
-                TRACEBACK: (outcome.traceback or "")[-TRACEBACK_CHARS:],
-            },
-        )
+        return self.dead_letter(held.message, reason, _failure_details(envelope, outcome))
 
     def _fields(self, held: Held, envelope: Envelope, outcome: Outcome) -> dict[str, object]:
         return _log_fields(held, envelope, outcome, self.settings.log_arguments)
@@ -223,7 +263,7 @@ class Settler:
     def hold_invisible(self, held: Held, delay: float, reason: str) -> int:
         """Keep a received message invisible for ``delay`` seconds (at most SQS's 12 hours a
         receive); return the seconds set."""
-        seconds = int(min(max(round(delay), 0), MAX_VISIBILITY_SECONDS))
+        seconds = _visibility_seconds(delay)
         self.release([held.message], reason, timeout=seconds)
         return seconds
 
@@ -284,7 +324,7 @@ class Settler:
     def defer(self, held: Held, delay: float, reason: str) -> None:
         """Put a message back for ``delay`` seconds because a middleware said not yet: no
         failure is counted and its envelope is unchanged (its attempt is not used up)."""
-        seconds = int(min(max(round(delay), 0), MAX_VISIBILITY_SECONDS))
+        seconds = _visibility_seconds(delay)
         assert held.envelope is not None
         self.counters.task(held.envelope.task).deferred += 1
         log.info(
@@ -443,6 +483,22 @@ class Settler:
                     else:
                         item.visible_until = now + extension
                         self.counters.extended += 1
+
+
+def _visibility_seconds(delay: float) -> int:
+    """``delay`` as the whole seconds a received message may be kept invisible (0 to 12 h)."""
+    return int(min(max(round(delay), 0), MAX_VISIBILITY_SECONDS))
+
+
+def _failure_details(envelope: Envelope, outcome: Outcome) -> dict[str, str]:
+    """The dead-letter attributes of a task that failed: what, where, how often."""
+    return {
+        ERROR_TYPE: outcome.error_type or outcome.kind.value,
+        ERROR: outcome.error or "",
+        ATTEMPTS: str(envelope.attempt),
+        TASK: envelope.task,
+        TRACEBACK: (outcome.traceback or "")[-TRACEBACK_CHARS:],
+    }
 
 
 def _fitted(copy: OutgoingMessage, limit: BodyLimit) -> OutgoingMessage:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,16 +33,22 @@ from tests.django.helpers import run_worker
 pytestmark = pytest.mark.timeout(30)
 
 
-@task(queue_name="a", max_retries=1)
-def drops_connection_once(alias: str) -> None:
-    """Have PostgreSQL end this task's session on the first attempt; write a row on the next."""
+@task(queue_name="a")  # no retries: a dropped connection must not need one
+def drops_connection_once(alias: str, marker: str) -> None:
+    """Have PostgreSQL end this task's session on its first run; write a row on the next.
+
+    ``marker`` is a file that does not exist yet: the first run (in whatever process) creates it.
+    """
     from shop.tasks import write_row
 
-    attempt = current().attempt
-    if attempt == 1:
-        with connections[alias].cursor() as cursor:
-            cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
-    write_row(f"attempt {attempt}", alias)
+    try:
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        write_row(f"run after the drop, attempt {current().attempt}", alias)
+        return
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+    write_row("never: the session is gone", alias)
 
 
 @task(queue_name="a")
@@ -111,28 +118,36 @@ def test_task_after_postgres_ended_the_session_succeeds(
     kill_own_session.delay(pg_alias)
     record.delay("after kill", pg_alias)
 
-    worker = run_worker(["a"])
+    # It kills its session on every run: fail it once here rather than redeliver it.
+    with override_settings(
+        EBSQS={"broker_url": "memory://hygiene", "retry_database_errors": False}
+    ):
+        worker = run_worker(["a"])
 
     assert [name for name, _, _ in rows(pg_alias)] == ["after kill"]
     assert (worker.counters.total("succeeded"), worker.counters.total("failed")) == (1, 1)
 
 
 @pytest.mark.postgres
-def test_a_failure_on_a_dropped_connection_is_classified_retryable(pg_alias: str) -> None:
-    job, outcome = outcome_of(drops_connection_once, pg_alias)
-    assert (outcome.kind, outcome.retryable) == (OutcomeKind.FAILED, False)
+def test_a_failure_on_a_dropped_connection_is_classified_for_redelivery(
+    pg_alias: str, tmp_path: Path
+) -> None:
+    job, outcome = outcome_of(drops_connection_once, pg_alias, str(tmp_path / "dropped"))
+    assert (outcome.kind, outcome.redeliver) == (OutcomeKind.FAILED, False)
     assert outcome.error_type == "django.db.utils.OperationalError"
 
     classified = DB_HYGIENE.classify(job, outcome)
 
-    assert classified.retryable
-    assert dataclasses.replace(classified, retryable=False) == outcome  # nothing else changed
+    assert classified.redeliver
+    assert dataclasses.replace(classified, redeliver=False) == outcome  # nothing else changed
     assert rows(pg_alias) == []
 
 
 @pytest.mark.postgres
-def test_retry_database_errors_false_keeps_the_failure_as_it_was(pg_alias: str) -> None:
-    job, outcome = outcome_of(drops_connection_once, pg_alias)
+def test_retry_database_errors_false_keeps_the_failure_as_it_was(
+    pg_alias: str, tmp_path: Path
+) -> None:
+    job, outcome = outcome_of(drops_connection_once, pg_alias, str(tmp_path / "dropped"))
 
     with override_settings(
         EBSQS={"broker_url": "memory://hygiene", "retry_database_errors": False}
@@ -157,16 +172,19 @@ def test_other_database_failures_and_successes_are_left_alone(pg_alias: str) -> 
 
 @pytest.mark.postgres
 @pytest.mark.parametrize("executor", ["inline", "thread", "process"])
-def test_a_task_whose_connection_dropped_is_retried_not_dead_lettered(
-    pg_alias: str, executor: str
+def test_a_task_whose_connection_dropped_runs_again_without_retries_of_its_own(
+    pg_alias: str, executor: str, tmp_path: Path
 ) -> None:
-    drops_connection_once.delay(pg_alias)
+    """Issue 16.11: with the default max_retries=0 the task is redelivered, as after a crash, and
+    the run after the drop is still its first attempt."""
+    drops_connection_once.delay(pg_alias, str(tmp_path / "dropped"))
 
     worker = run_worker(["a"], executor=executor)
 
-    assert [name for name, _, _ in rows(pg_alias)] == ["attempt 2"]
+    assert [name for name, _, _ in rows(pg_alias)] == ["run after the drop, attempt 1"]
     counters = worker.counters
-    assert [counters.total(n) for n in ("retried", "succeeded", "failed")] == [1, 1, 0]
+    totals = [counters.total(n) for n in ("redelivered", "succeeded", "failed", "dead_lettered")]
+    assert totals == [1, 1, 0, 0]
 
 
 @pytest.mark.postgres

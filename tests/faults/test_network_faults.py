@@ -6,6 +6,7 @@ dead-letter queue only (see ``tests/faults/ledger.py``).
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -207,3 +208,34 @@ def test_kms_throttling_reads_as_a_throttle(rig: Rig, monkeypatch: pytest.Monkey
             through_proxy.receive(rig.queue, 1, wait_seconds=0)
     finally:
         through_proxy.close()
+
+
+@pytest.mark.timeout(60)
+def test_deletes_and_visibility_changes_give_up_within_seconds_in_a_blackhole(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16.2: the keeper's requests have short timeouts of their own, so a blackhole holds
+    its thread about ten seconds, not the three minutes of six 30-second reads; and they work
+    again the moment the network is back."""
+    rig.create()
+    monkeypatch.setenv("AWS_ENDPOINT_URL_SQS", rig.proxy.endpoint)
+    through_proxy = SQSBroker()
+    rig.send(keys("b", 4))
+    held = through_proxy.receive(rig.queue, 4, 1, visibility_timeout=30)
+    assert len(held) == 4
+    rig.proxy.blackhole(40)
+    for name, call in (
+        ("change_visibility", lambda: through_proxy.change_visibility(held[:2], 30)),
+        ("ack", lambda: through_proxy.ack(held[:2])),
+    ):
+        started = time.monotonic()
+        try:
+            failed = call()
+        except BrokerUnavailable:
+            failed = {"all": "unavailable"}
+        elapsed = time.monotonic() - started
+        assert failed, f"{name} succeeded through a blackhole"
+        assert elapsed < 15, f"{name} held its thread {elapsed:.1f} s"
+    rig.proxy.clear()
+    assert through_proxy.ack(held) == {}  # the network is back: all four go
+    through_proxy.close()

@@ -78,7 +78,8 @@ class Hook:
         self.requests: list[dict[str, Any]] = []
         self._script = list(script)
         # The stubs type handlers as returning None; a before-send handler may return a response.
-        broker.client.meta.events.register(f"before-send.sqs.{operation}", self)  # type: ignore[arg-type]
+        for client in broker.clients():
+            client.meta.events.register(f"before-send.sqs.{operation}", self)  # type: ignore[arg-type]
 
     def __call__(self, request: AWSPreparedRequest, **_: object) -> AWSResponse | None:
         body = json.loads(request.body) if isinstance(request.body, str | bytes) else {}

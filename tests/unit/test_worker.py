@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -10,11 +11,12 @@ from collections.abc import Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from ebsqs import task
+from ebsqs import current, middleware, task
 from ebsqs.brokers import OutgoingMessage, QueueSettings
 from ebsqs.brokers.memory import MemoryBroker
 from ebsqs.config import Settings
 from ebsqs.envelope import Envelope, encode
+from ebsqs.executors.execution import Job, Outcome
 from ebsqs.executors.inline import InlineExecutor
 from ebsqs.registry import TaskRegistry
 from ebsqs.worker import Worker, WorkerOptions, WorkerState
@@ -753,3 +755,51 @@ def test_a_dead_letter_at_the_size_limit_keeps_its_body_and_drops_the_traceback(
     assert letter.attributes["ebsqs-reason"] == "failed"
     assert "left out" in letter.attributes["ebsqs-traceback"]
     assert broker.stats("q").visible + broker.stats("q").in_flight == 0
+
+
+class Outage(Exception):
+    """What the environment-failure tests raise: a middleware calls it the environment's."""
+
+
+class RedeliverOutages(middleware.Middleware):
+    def classify(self, job: Job, outcome: Outcome) -> Outcome:
+        if outcome.error_type and outcome.error_type.endswith("Outage"):
+            return dataclasses.replace(outcome, redeliver=True)
+        return outcome
+
+
+@pytest.fixture
+def redelivering() -> Iterator[None]:
+    hook = RedeliverOutages()
+    middleware.add(hook)
+    yield
+    middleware.MIDDLEWARE.remove(hook)
+
+
+def test_an_environment_failure_is_redelivered_without_an_attempt_then_dead_lettered(
+    broker: MemoryBroker, reg: TaskRegistry, redelivering: None
+) -> None:
+    """No retries of its own, yet it runs on each delivery the queue allows (three here), every
+    run its first attempt; on the last one ebsqs dead-letters it, with the reason."""
+
+    @task(name="needs_db", registry=reg)
+    def needs_db() -> None:
+        runs.append(("needs_db", current().attempt))
+        raise Outage("the database went away")
+
+    put(broker, body("needs_db"))
+    worker = Worker(
+        broker,
+        Settings(broker_url="memory://unused", backoff_base=0, max_receive_count=3),
+        InlineExecutor(registry=reg),
+        WorkerOptions(queues=("q",), wait_seconds=0),
+        registry=reg,
+    )
+    worker.start()
+    steps(worker, 8)
+    assert runs == [("needs_db", 1)] * 3
+    [letter] = dead_letters(broker)
+    assert letter["ebsqs-reason"] == "redelivered on each of its 3 deliveries"
+    assert letter["ebsqs-error-type"].endswith("Outage")
+    totals = worker.counters.totals()
+    assert (totals["redelivered"], totals["failed"], totals["dead_lettered"]) == (3, 1, 1)

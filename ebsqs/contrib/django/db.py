@@ -6,9 +6,9 @@ forks, as a middleware (:class:`DatabaseHygiene`, registered by the app's ``read
   instead of failing the next task. As for web requests, a persistent connection
   (``CONN_MAX_AGE`` > 0) that died silently is only noticed with ``CONN_HEALTH_CHECKS = True``.
 - After a task failed because its database connection dropped (the server restarted or failed
-  over, the network broke, the session was ended), the failure is marked retryable: the message
-  is retried (within the task's ``max_retries``, after its backoff, on a fresh connection)
-  instead of dead-lettered. See :meth:`DatabaseHygiene.classify`; ``EBSQS =
+  over, the network broke, the session was ended), the message is redelivered after a backoff,
+  as after a crash (no attempt used, so a task with no retries runs again too; on a fresh
+  connection), instead of dead-lettered. See :meth:`DatabaseHygiene.classify`; ``EBSQS =
   {"retry_database_errors": False}`` turns it off.
 - In a process about to fork (the supervisor's master, the process executor): every connection
   and cache connection is closed first, so no child starts with a socket it shares.
@@ -69,19 +69,21 @@ class DatabaseHygiene(Middleware):
 
     def classify(self, job: Job, outcome: Outcome) -> Outcome:
         """In the loop's thread, before the outcome is settled: a failure on a dropped database
-        connection is retryable, unless ``EBSQS["retry_database_errors"]`` is False.
+        connection is the environment's, not the task's, unless
+        ``EBSQS["retry_database_errors"]`` is False.
 
-        Only the description changes; the worker then retries or dead-letters by its own rules
-        (a task with no retries left is dead-lettered, with "retries exhausted").
+        Only the description changes (``redeliver``); the worker then gives the message back
+        after a backoff, as after a crash: no attempt is used, so a task with no retries runs
+        again too, and on the receive the queue's ``max_receive_count`` allows last it is
+        dead-lettered with the reason.
         """
         if (
             outcome.kind is not OutcomeKind.FAILED
-            or outcome.retryable
             or outcome.error_type not in DATABASE_ERRORS
             or not django_option("retry_database_errors")
         ):
             return outcome
-        return dataclasses.replace(outcome, retryable=True)
+        return dataclasses.replace(outcome, redeliver=True)
 
 
 #: The one instance, so registering it twice (``ready()`` run again by a test) adds nothing.
