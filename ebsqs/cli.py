@@ -28,6 +28,7 @@ from ebsqs.config import (
     Settings,
     load_settings,
     queue_limits,
+    soft_over_hard,
 )
 from ebsqs.errors import ConfigurationError, EbsqsError, ExitCode, exit_code_for
 from ebsqs.ops import cli as ops_cli
@@ -106,31 +107,16 @@ def _check_time_limits(ctx: click.Context, param: click.Parameter, value: str | 
         other = soft_name if param.name == hard_name else hard_name
         if other in ctx.params:
             limits = {param.name: value, other: ctx.params[other]}
-            problem = soft_over_hard(limits[hard_name] or "", limits[soft_name] or "")
+            problem = soft_over_hard(
+                limits[hard_name] or "",
+                limits[soft_name] or "",
+                ("--time-limit", "--soft-time-limit"),
+            )
             if problem is not None:
                 raise click.BadParameter(problem, param_hint="--soft-time-limit")
     except ConfigurationError as exc:
         raise click.BadParameter(str(exc)) from None
     return value
-
-
-def soft_over_hard(hard_spec: str, soft_spec: str) -> str | None:
-    """Why a soft time limit is over its hard one (one line), or None when none is.
-
-    Both are ``--time-limit`` forms: seconds (every queue) or ``queue=seconds`` pairs, ``*``
-    standing for the other queues; each queue is compared with what applies to it.
-    """
-    hard = queue_limits(hard_spec, "--time-limit")
-    soft = queue_limits(soft_spec, "--soft-time-limit")
-    for queue in sorted(hard.keys() | soft.keys()):
-        hard_limit, soft_limit = hard.get(queue, hard.get("*")), soft.get(queue, soft.get("*"))
-        if hard_limit is not None and soft_limit is not None and soft_limit > hard_limit:
-            where = "" if queue == "*" else f" for queue {queue}"
-            return (
-                f"the soft limit{where} ({soft_limit:g} s) is over the hard limit "
-                f"({hard_limit:g} s, --time-limit): the soft one must come first"
-            )
-    return None
 
 
 def worker_options(fn: F) -> F:

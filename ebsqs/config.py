@@ -103,8 +103,9 @@ class Settings:
     max_payload_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        queue_limits(self.time_limit, "time_limit")
-        queue_limits(self.soft_time_limit, "soft_time_limit")
+        problem = soft_over_hard(self.time_limit, self.soft_time_limit)
+        if problem is not None:
+            raise ConfigurationError(problem)
         keys = _signing_keys(self.signing_key, self.signing_keys)
         # Both fields always agree, so code that reads the one-key form signs and checks too.
         object.__setattr__(self, "signing_keys", keys)
@@ -175,6 +176,32 @@ def queue_limits(spec: str, name: str = "time limit") -> dict[str, float]:
             )
         limits[queue.strip() or "*"] = value
     return limits
+
+
+def soft_over_hard(
+    hard_spec: str, soft_spec: str, names: tuple[str, str] = ("time_limit", "soft_time_limit")
+) -> str | None:
+    """Why a soft time limit is over its hard one (one line), or None when none is.
+
+    Both are ``time_limit`` forms: seconds (every queue) or ``queue=seconds`` pairs, ``*``
+    standing for the other queues; each queue is compared with what applies to it. ``names``
+    are the setting (or flag) names the message uses.
+
+    Raises:
+        ConfigurationError: either spec is malformed.
+    """
+    hard_name, soft_name = names
+    hard = queue_limits(hard_spec, hard_name)
+    soft = queue_limits(soft_spec, soft_name)
+    for queue in sorted(hard.keys() | soft.keys()):
+        hard_limit, soft_limit = hard.get(queue, hard.get("*")), soft.get(queue, soft.get("*"))
+        if hard_limit is not None and soft_limit is not None and soft_limit > hard_limit:
+            where = "" if queue == "*" else f" for queue {queue}"
+            return (
+                f"the soft limit{where} ({soft_limit:g} s) is over the hard limit "
+                f"({hard_limit:g} s, {hard_name}): the soft one must come first"
+            )
+    return None
 
 
 def _signing_keys(key: str | None, keys: Sequence[str] | str) -> tuple[str, ...]:
