@@ -246,11 +246,13 @@ class SQSBroker:
         if made is not None and made[0] == pid:
             return made[1]
         with self._process_lock():
-            made = self._clients.get(kind)
-            if made is None or made[0] != pid:
-                made = (pid, self._create_client(self._configs[kind]))
-                self._clients[kind] = made
-            return made[1]
+            # Both at once, in whichever thread comes first: made later, the settle client would
+            # be built in the keeper's thread, beside a running task, just when it is needed.
+            for each in (_MAIN, _SETTLE):
+                made = self._clients.get(each)
+                if made is None or made[0] != pid:
+                    self._clients[each] = (pid, self._create_client(self._configs[each]))
+            return self._clients[kind][1]
 
     def _process_lock(self) -> threading.Lock:
         """The lock guarding the clients, replaced in a forked child.

@@ -104,7 +104,8 @@ def test_lost_acks_repeat_work_and_lose_nothing(rig: Rig, forward: bool) -> None
     rig.proxy.drop("DeleteMessageBatch", forward=forward, seconds=5)
     rig.send(keys("a", 10))
     rig.wait_settled(25)
-    assert rig.proxy.faulted["DeleteMessageBatch"] > 0
+    # The finish lines come before the deletes: wait for the first delete to meet the fault.
+    wait_until(lambda: rig.proxy.faulted["DeleteMessageBatch"] > 0, 10, message=rig.describe)
     if not forward:
         wait_until(
             lambda: all(count >= 2 for count in rig.ledger.finished().values()),
