@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import structlog
 
 from ebsqs import executors, log
 from ebsqs.app import load_app, split_list
@@ -31,6 +30,7 @@ from ebsqs.config import (
     soft_over_hard,
 )
 from ebsqs.errors import ConfigurationError, EbsqsError, ExitCode, exit_code_for
+from ebsqs.log import get_logger
 from ebsqs.ops import cli as ops_cli
 from ebsqs.ops.status import probe_writable, status_path
 from ebsqs.producer import Call, NamedTask, Sendable, SendOptions, ensure_queue
@@ -40,7 +40,7 @@ from ebsqs.worker import FastStop, Worker, WorkerOptions
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 def broker_option(fn: F) -> F:

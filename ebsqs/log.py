@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -20,7 +21,12 @@ LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 def configure(log_format: LogFormat = "auto", level: str = "info", **bound: Any) -> None:
-    """Configure structlog for this process.
+    """Configure this process's logging: structlog through ``logging``, one handler on the root.
+
+    The root logger gets one handler writing to stderr through :class:`Output` (replacing the
+    one a previous call added, as in a child after the fork) and the level, so the
+    application's own ``logging`` lines come out in the same format as ebsqs's, with the same
+    context. structlog is configured for the stdlib (``ProcessorFormatter``).
 
     Args:
         log_format: ``console`` (readable), ``json`` (one object per line with a timestamp), or
@@ -28,31 +34,73 @@ def configure(log_format: LogFormat = "auto", level: str = "info", **bound: Any)
         level: the lowest level written.
         **bound: context every line of this process carries (``role``, ``queue``, ``pid``).
     """
-    if log_format == "auto":
-        log_format = "console" if _isatty(sys.stderr) else "json"
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if log_format == "json"
-        else structlog.dev.ConsoleRenderer(colors=_isatty(sys.stderr))
-    )
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
+            structlog.stdlib.filter_by_level,
+            *_shared_processors(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping()[level.upper()]
-        ),
-        logger_factory=OutputFactory(Output(sys.stderr)),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, OutputHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler(log_format))
+    root.setLevel(level.upper())
     if bound:
         structlog.contextvars.bind_contextvars(**bound)
+
+
+def handler(log_format: LogFormat = "auto", stream: TextIO | None = None) -> OutputHandler:
+    """A ``logging`` handler writing ebsqs's format to ``stream`` (stderr), dropping on failure.
+
+    For ``LOGGING`` (``"()": "ebsqs.log.handler"``) or :func:`configure`.
+    """
+    stream = sys.stderr if stream is None else stream
+    if log_format == "auto":
+        log_format = "console" if _isatty(stream) else "json"
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if log_format == "json"
+        else structlog.dev.ConsoleRenderer(colors=_isatty(stream))
+    )
+    out = OutputHandler(Output(stream))
+    out.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=_shared_processors(),
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    return out
+
+
+def _shared_processors() -> list[Any]:
+    """What every line gets, ebsqs's and the application's: context, level, timestamp."""
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+
+
+def get_logger(name: str) -> Any:
+    """The logger an ebsqs module logs with: structlog over ``logging.getLogger(name)``.
+
+    Nothing is configured here or at import: events go to Python's ``logging`` under ``name``
+    (``ebsqs.*``), where the application's handlers, ``LOGGING`` or :func:`configure` decide
+    what is written. See :class:`_Chain` for the processors.
+    """
+    return structlog.wrap_logger(
+        logging.getLogger(name), processors=_CHAIN, wrapper_class=BoundLogger
+    )
 
 
 def dropped_lines() -> int:
@@ -62,12 +110,12 @@ def dropped_lines() -> int:
     logging after the fork. 0 when logging was configured by someone other than
     :func:`configure`.
     """
-    factory = structlog.get_config().get("logger_factory")
-    return factory.output.dropped if isinstance(factory, OutputFactory) else 0
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, OutputHandler)]
+    return sum(h.output.dropped for h in handlers)
 
 
 class Output:
-    """The end of structlog's chain: writes each rendered line whole, or drops and counts it.
+    """Where :class:`OutputHandler` writes: each rendered line whole, or dropped and counted.
 
     Lines go straight to the stream's file descriptor, bypassing Python's buffer: a write that
     fails then leaves nothing behind to fail again at the next line, or at interpreter exit. A
@@ -109,14 +157,20 @@ class Output:
             data = data[os.write(self._fd, data) :]
 
 
-class OutputFactory:
-    """structlog's logger factory: every logger of this process writes to one :class:`Output`."""
+class OutputHandler(logging.Handler):
+    """A ``logging`` handler whose formatted lines go to an :class:`Output`: never raises."""
 
     def __init__(self, output: Output) -> None:
+        super().__init__()
         self.output = output
 
-    def __call__(self, *args: Any) -> Output:
-        return self.output
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # noqa: BLE001 - a record that cannot be formatted is dropped too
+            self.output.dropped += 1
+            return
+        self.output.msg(line)
 
 
 def _fileno(stream: TextIO) -> int | None:
@@ -131,3 +185,40 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (OSError, ValueError, AttributeError):  # closed: certainly not a terminal
         return False
+
+
+class BoundLogger(structlog.stdlib.BoundLogger):
+    """structlog's stdlib logger, enabled for a level when its processors would pass it on."""
+
+    def is_enabled_for(self, level: int) -> bool:
+        """Whether a line at ``level`` would reach a handler (or a test's capture).
+
+        A chain without ``filter_by_level`` (``capture_logs()``, an application's own
+        structlog setup) passes every level on; otherwise the stdlib logger's level decides.
+        """
+        if structlog.stdlib.filter_by_level not in self._processors:
+            return True
+        return super().is_enabled_for(level)
+
+
+class _Chain:
+    """ebsqs's processors: structlog's configured ones if someone configured structlog, else ours.
+
+    Read at each bind, not at import: an entry point (:func:`configure`) or an application that
+    configured structlog (or a test's ``structlog.testing.capture_logs()``) is followed; an
+    unconfigured process (a web process calling ``.delay()``) gets a plain stdlib record, rendered
+    by whatever handlers its ``logging`` has, and nothing at all below the logger's level.
+    """
+
+    def __iter__(self) -> Iterator[Any]:
+        if structlog.is_configured():
+            return iter(structlog.get_config()["processors"])
+        return iter(_LIBRARY_CHAIN)
+
+
+_LIBRARY_CHAIN: list[Any] = [
+    structlog.stdlib.filter_by_level,
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.render_to_log_kwargs,
+]
+_CHAIN = _Chain()

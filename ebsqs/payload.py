@@ -370,9 +370,9 @@ class Payloads:
             )
         except PayloadUnavailable as exc:
             # Imported here, not at the top: `import ebsqs` loads no logging library.
-            import structlog
+            from ebsqs.log import get_logger
 
-            structlog.get_logger(__name__).warning(
+            get_logger(__name__).warning(
                 "payload_discard_failed", bucket=ref.bucket, key=ref.key, error=str(exc)
             )
 

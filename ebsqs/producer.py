@@ -400,11 +400,11 @@ def ensure_queue(broker: Broker, settings: Settings, queue: str) -> None:
             fifo=is_fifo(queue),
         ),
     )
-    # structlog is imported here, not at the top: `import ebsqs` (a web process that only calls
+    # ebsqs.log is imported here, not at the top: `import ebsqs` (a web process that only calls
     # .delay()) loads no logging library, and queues are created rarely.
-    import structlog
+    from ebsqs.log import get_logger
 
-    structlog.get_logger(__name__).info("queue_ensured", queue=queue, dead_letter_queue=dead_letter)
+    get_logger(__name__).info("queue_ensured", queue=queue, dead_letter_queue=dead_letter)
 
 
 def _first(*values: Any) -> Any:

@@ -68,8 +68,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import structlog
-
 from ebsqs.brokers.base import (
     DEDUP_WINDOW_SECONDS,
     DEFAULT_MAX_BODY_BYTES,
@@ -94,8 +92,9 @@ from ebsqs.errors import (
     ConfigurationError,
     QueueDoesNotExist,
 )
+from ebsqs.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Bumped whenever the tables change; stored in ``PRAGMA user_version``.
 #: 2: ``queues.max_body_bytes``.

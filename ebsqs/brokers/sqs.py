@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import boto3
-import structlog
 from botocore.config import Config
 from botocore.exceptions import (
     ClientError,
@@ -66,6 +65,7 @@ from ebsqs.errors import (
     PartialBatchError,
     QueueDoesNotExist,
 )
+from ebsqs.log import get_logger
 
 if TYPE_CHECKING:
     from mypy_boto3_sqs import SQSClient
@@ -81,7 +81,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_CONFIG", "SQSBroker"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 E = TypeVar("E")

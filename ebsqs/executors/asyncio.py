@@ -32,13 +32,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import structlog
-
 from ebsqs.executors.base import Capabilities, take_outcomes
 from ebsqs.executors.execution import Job, Outcome, OutcomeKind, failure, run_job, run_job_async
+from ebsqs.log import get_logger
 from ebsqs.registry import TaskRegistry, registry
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Seconds shutdown waits for cancelled coroutines to unwind before reporting them anyway.
 CANCEL_GRACE = 1.0

@@ -48,9 +48,10 @@ import structlog
 from ebsqs import middleware
 from ebsqs.executors.base import Capabilities
 from ebsqs.executors.execution import Job, Outcome, OutcomeKind, failure, run_job
+from ebsqs.log import get_logger
 from ebsqs.registry import TaskRegistry, registry
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Seconds an idle pool process gets to exit by itself at shutdown before it is killed.
 EXIT_GRACE = 2.0

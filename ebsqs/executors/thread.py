@@ -27,13 +27,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-import structlog
-
 from ebsqs.executors.base import Capabilities, take_outcomes
 from ebsqs.executors.execution import Job, Outcome, OutcomeKind, failure, run_job
+from ebsqs.log import get_logger
 from ebsqs.registry import TaskRegistry, registry
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-import structlog
-
 from ebsqs.counters import DURATION_BUCKETS, QUEUE_COUNTERS, TASK_COUNTERS, Counters, TaskStats
+from ebsqs.log import get_logger
 from ebsqs.supervisor.snapshot import ChildSnapshot, KillReason, Phase, SupervisorSnapshot
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

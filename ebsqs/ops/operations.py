@@ -21,9 +21,8 @@ import os
 import time
 from collections.abc import Callable
 
-import structlog
-
 from ebsqs.errors import ConfigurationError
+from ebsqs.log import get_logger
 from ebsqs.ops.metrics import Metrics, MetricsServer
 from ebsqs.ops.status import DEGRADED, StatusFile, document, stale_after, status_path
 from ebsqs.ops.systemd import STOP_MARGIN, Notifier
@@ -31,7 +30,7 @@ from ebsqs.supervisor.config import SupervisorConfig
 from ebsqs.supervisor.extension import Extension
 from ebsqs.supervisor.snapshot import MasterState, Phase, SupervisorSnapshot
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class Operations(Extension):

@@ -32,11 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
-
+from ebsqs.log import get_logger
 from ebsqs.supervisor.snapshot import ChildSnapshot, Phase, SupervisorSnapshot
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: The document's format version; readers refuse others.
 VERSION = 2  # 2: counts are named as in ebsqs.counters (succeeded, not done)

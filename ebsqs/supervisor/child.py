@@ -23,13 +23,13 @@ from types import FrameType
 from typing import NoReturn
 
 import psutil
-import structlog
 
 from ebsqs import executors, log, middleware, producer
 from ebsqs.brokers import Broker, from_url
 from ebsqs.errors import ConfigurationError, ExitCode, QueueDoesNotExist
 from ebsqs.executors.base import Executor
 from ebsqs.executors.execution import Job, Outcome
+from ebsqs.log import get_logger
 from ebsqs.middleware import Middleware
 from ebsqs.registry import registry
 from ebsqs.supervisor.config import SupervisorConfig
@@ -38,7 +38,7 @@ from ebsqs.supervisor.process import set_parent_death_signal, set_title
 from ebsqs.supervisor.reload import reimport_app
 from ebsqs.worker import FastStop, Worker, WorkerOptions, WorkerState, WorkerStatus
 
-logger = structlog.get_logger(__name__)
+logger = get_logger(__name__)
 
 #: Errors at boot that a restart cannot fix: the child exits with ExitCode.BOOT.
 BOOT_ERRORS = (ConfigurationError, QueueDoesNotExist)

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import structlog
-
+from ebsqs.log import get_logger
 from ebsqs.supervisor.process import ExitStatus
 from ebsqs.supervisor.snapshot import ChildSnapshot, SupervisorSnapshot
 from ebsqs.supervisor.table import Verdict
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class Extension:

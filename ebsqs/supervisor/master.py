@@ -34,6 +34,7 @@ import structlog
 from ebsqs import executors, middleware
 from ebsqs.brokers import from_url
 from ebsqs.errors import AppImportError, ConfigurationError, ExitCode
+from ebsqs.log import get_logger
 from ebsqs.supervisor.child import Child, ChildSpec, exit_child
 from ebsqs.supervisor.config import SupervisorConfig
 from ebsqs.supervisor.extension import Extension, Extensions
@@ -43,7 +44,7 @@ from ebsqs.supervisor.reload import import_app
 from ebsqs.supervisor.snapshot import KillReason, MasterState, Phase, SupervisorSnapshot
 from ebsqs.supervisor.table import ChildRecord, Slot, Table, Verdict
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: The loop wakes at least this often (timeouts, ``on_tick``) even when nothing happens.
 TICK = 1.0

@@ -20,15 +20,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-import structlog
-
 from ebsqs.executors.base import Capabilities
 from ebsqs.executors.execution import Outcome, OutcomeKind
+from ebsqs.log import get_logger
 from ebsqs.worker.held import Held, HeldMessages
 from ebsqs.worker.pulse import Periodic
 from ebsqs.worker.settle import Settler
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Seconds between keeper passes (heartbeat and visibility extension).
 KEEPER_INTERVAL = 1.0

@@ -27,8 +27,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import cycle
 
-import structlog
-
 from ebsqs import middleware
 from ebsqs.backoff import Backoff
 from ebsqs.brokers import MAX_BATCH, MAX_VISIBILITY_SECONDS, Broker
@@ -44,6 +42,7 @@ from ebsqs.errors import (
 )
 from ebsqs.executors.base import Executor
 from ebsqs.executors.execution import Job, Outcome
+from ebsqs.log import get_logger
 from ebsqs.middleware import Action, Decision
 from ebsqs.payload import Payloads, PayloadUnavailable
 from ebsqs.producer import ensure_queue
@@ -53,7 +52,7 @@ from ebsqs.worker.keeper import Keeper
 from ebsqs.worker.pulse import Heartbeat, Pulse
 from ebsqs.worker.settle import DEFAULT_ACK_WAIT, Settler
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Pauses after failed receives: 0.5 s doubling to 30 s, jittered so that a fleet does not
 #: come back in step after an outage.

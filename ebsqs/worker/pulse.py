@@ -20,9 +20,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-import structlog
+from ebsqs.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Seconds between heartbeats.
 HEARTBEAT_INTERVAL = 1.0

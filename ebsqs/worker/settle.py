@@ -14,8 +14,6 @@ from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import structlog
-
 from ebsqs.backoff import Backoff
 from ebsqs.brokers import (
     MAX_BATCH,
@@ -31,13 +29,14 @@ from ebsqs.counters import REJECTED, Counters
 from ebsqs.envelope import Envelope
 from ebsqs.errors import EbsqsError, EnvelopeError
 from ebsqs.executors.execution import Outcome, OutcomeKind
+from ebsqs.log import get_logger
 from ebsqs.payload import ObjectRef, Payloads
 from ebsqs.producer import outgoing, send_messages
 
 if TYPE_CHECKING:
     from ebsqs.worker.held import Held
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: Seconds a finished message's delete may wait for nine others (``ack_wait``).
 DEFAULT_ACK_WAIT = 0.1

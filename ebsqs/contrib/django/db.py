@@ -26,16 +26,15 @@ import functools
 import os
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from ebsqs.contrib.django.conf import django_option
 from ebsqs.executors.execution import OutcomeKind
+from ebsqs.log import get_logger
 from ebsqs.middleware import Middleware
 
 if TYPE_CHECKING:
     from ebsqs.executors.execution import Job, Outcome
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: What Django raises when the connection under a task fails: the server went away or ended the
 #: session (OperationalError), or the task used the connection after that (InterfaceError:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import structlog
-
 from ebsqs.brokers import Broker
 from ebsqs.config import Settings
 from ebsqs.errors import ConfigurationError
+from ebsqs.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 PREFIX_ENTRY = "prefix:"
 
