@@ -20,6 +20,7 @@ setup(
     extras_require={
         "django": ["django>=4.2"],
         "proctitle": ["setproctitle>=1.3"],
+        "otel": ["opentelemetry-api>=1.25"],
         "test": [
             "moto[server]>=5.0",
             "pytest>=8",
@@ -30,6 +31,7 @@ setup(
             "setproctitle>=1.3",
             # AWS's own claim-check client: large payloads must travel both ways with it.
             "amazon-sqs-extended-client>=1.0",
+            "opentelemetry-sdk>=1.25",
         ],
         "dev": ["ruff>=0.6", "mypy>=1.11", "boto3-stubs[sqs,s3]", "django-stubs"],
     },

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ebsqs.envelope import Envelope
     from ebsqs.executors.execution import Job, Outcome
 
 
@@ -94,6 +95,16 @@ class Middleware:
                 ``.delay()``, which a middleware may defer by its own setting.
         """
         return None
+
+    def before_send(self, envelope: Envelope, queue: str) -> Envelope:
+        """Just before a new message is encoded for the logical ``queue``: the envelope to send.
+
+        Runs in the process that sends, in the context of the ``.delay()`` call (a send a
+        middleware deferred runs in a copy of that context); retries and hops are re-sends of
+        an envelope and do not pass here. Return ``envelope`` itself or a copy
+        (``dataclasses.replace``), e.g. with a ``trace`` context.
+        """
+        return envelope
 
     # -- one message -----------------------------------------------------------------------
 
@@ -174,6 +185,13 @@ def after_outcome(job: Job, outcome: Outcome) -> None:
     """Every middleware's :meth:`Middleware.after_outcome`."""
     for item in MIDDLEWARE:
         item.after_outcome(job, outcome)
+
+
+def before_send(envelope: Envelope, queue: str) -> Envelope:
+    """The envelope after every middleware's :meth:`Middleware.before_send`, in order."""
+    for item in MIDDLEWARE:
+        envelope = item.before_send(envelope, queue)
+    return envelope
 
 
 def send_later(*, on_commit: bool) -> Callable[[Callable[[], object]], None] | None:

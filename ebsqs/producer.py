@@ -12,6 +12,7 @@ reverse.
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import functools
 import re
@@ -177,7 +178,10 @@ def send(
     for call in calls:
         encode(new_envelope(task, call, 0, 0.0))  # raises SerializationError, naming the argument
         message_group(task, call, options, fifo=False)
-    later(functools.partial(send_now, task, calls, options, settings=settings))
+    # The send runs in a copy of this call's context, so what middleware reads there at send
+    # time (the current trace span, for one) is what was current at .delay(), not at commit.
+    context = contextvars.copy_context()
+    later(functools.partial(context.run, send_now, task, calls, options, settings=settings))
     return [call.task_id for call in calls if call.task_id]
 
 
@@ -206,6 +210,7 @@ def send_now(
         return [run_eagerly(envelope, settings) for envelope in envelopes]
     logical = _first(options.queue_name, task.queue_name, settings.default_queue)
     physical = settings.physical_queue(logical)
+    envelopes = [middleware.before_send(envelope, logical) for envelope in envelopes]
     broker = broker_for(settings.broker_url)
     limit = broker.body_limit(physical)
     fifo = is_fifo(physical)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterator
 
 import pytest
 
-from ebsqs import middleware, task
+from ebsqs import middleware, producer, task
 from ebsqs.brokers import OutgoingMessage, QueueSettings
 from ebsqs.brokers.memory import MemoryBroker
 from ebsqs.config import Settings
-from ebsqs.envelope import Envelope, encode
+from ebsqs.envelope import Envelope, decode, encode
 from ebsqs.executors.execution import Job, Outcome, OutcomeKind
 from ebsqs.executors.inline import InlineExecutor
 from ebsqs.executors.thread import ThreadExecutor
@@ -200,3 +201,29 @@ def test_a_send_waits_for_a_middleware_that_sends_later() -> None:
     with pytest.raises(TypeError, match="argument"):
         noop.delay_on_commit(object())  # checked now, not when it is sent
     assert len(later) == 1
+
+
+def test_before_send_folds_every_middleware_over_each_new_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EBSQS_BROKER_URL", "memory://sends")
+    producer.broker_for.cache_clear()
+    seen: list[tuple[str, str, object]] = []
+
+    class Stamp(Middleware):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def before_send(self, envelope: Envelope, queue: str) -> Envelope:
+            seen.append((self.name, queue, envelope.trace))
+            return dataclasses.replace(envelope, trace={**(envelope.trace or {}), self.name: "1"})
+
+    middleware.add(Stamp("first"))
+    middleware.add(Stamp("second"))
+    noop = task(name="noop", registry=TaskRegistry())(lambda x: None)
+    noop.send_with(queue_name="stamped").delay(1)
+
+    assert seen == [("first", "stamped", None), ("second", "stamped", {"first": "1"})]
+    [message] = MemoryBroker.named("sends").receive("stamped", 10, wait_seconds=0)
+    assert decode(message.body).trace == {"first": "1", "second": "1"}
+    producer.broker_for.cache_clear()

@@ -154,4 +154,19 @@ def test_importing_the_cli_does_not_import_the_supervisor_or_psutil() -> None:
 def test_importing_ebsqs_imports_no_client_library() -> None:
     loaded = _modules_after("import ebsqs")
     tops = {name.split(".")[0] for name in loaded}
-    assert not tops & {"boto3", "botocore", "django", "psutil", "structlog"}
+    assert not tops & {"boto3", "botocore", "django", "opentelemetry", "psutil", "structlog"}
+
+
+def test_delay_imports_no_tracing_library_unless_tracing_is_installed() -> None:
+    """``ebsqs[otel]`` is installed here: sending still loads none of it until the application
+    calls ``ebsqs.tracing.install()``."""
+    send = (
+        "import os; os.environ['EBSQS_BROKER_URL'] = 'memory://structure'; "
+        "from ebsqs import task; task(name='light')(lambda: None).delay()"
+    )
+    loaded = _modules_after(send)
+    assert "ebsqs.producer" in loaded
+    assert not {name for name in loaded if name.split(".")[0] == "opentelemetry"}
+    assert "ebsqs.tracing" not in loaded
+    traced = _modules_after(f"import ebsqs.tracing; ebsqs.tracing.install(); {send}")
+    assert "opentelemetry.trace" in traced  # the control: the check can fail
