@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from ebsqs import middleware
 from ebsqs.brokers import MAX_DELAY_SECONDS, Broker, OutgoingMessage, from_url
 from ebsqs.brokers.base import BodyLimit, QueueSettings, is_fifo
-from ebsqs.brokers.checks import batch_ranges
+from ebsqs.brokers.checks import batch_ranges, utf8_size
 from ebsqs.config import Settings, load_settings
 from ebsqs.eager import run_eagerly
 from ebsqs.envelope import Envelope, encode, new_id
@@ -301,14 +301,27 @@ def outgoing(
     body = encode(
         envelope, signing_key=settings.signing_keys, legacy=settings.legacy_producer, queue=queue
     )
+    delay = 0 if fifo else min(max(round(remaining), 0), MAX_DELAY_SECONDS)
+    if _plain_fits(body, limit, settings):  # nearly every body: no packing to do
+        return OutgoingMessage(body=body, delay=delay, group_id=group_id, dedup_id=dedup_id)
     packed = payloads(settings).pack(body, limit, task=envelope.task, queue=target)
     return OutgoingMessage(
         body=packed.body,
-        delay=0 if fifo else min(max(round(remaining), 0), MAX_DELAY_SECONDS),
+        delay=delay,
         attributes=packed.attributes,
         group_id=group_id,
         dedup_id=dedup_id,
     )
+
+
+def _plain_fits(body: str, limit: BodyLimit, settings: Settings) -> bool:
+    """Whether ``body`` goes as it is: within the queue's limit, with no compression asked for
+    and no lower claim-check threshold (what :meth:`Payloads.pack` would conclude, cheaply)."""
+    if settings.compress_over is not None:
+        return False
+    if settings.large_payload_bucket is not None and settings.large_payload_over is not None:
+        return False
+    return utf8_size(body) <= limit.bytes
 
 
 @functools.cache
