@@ -116,22 +116,25 @@ def _plain_consume(name: str, url: str, count: int) -> float:
     started = time.perf_counter()
     done = 0
     while done < count:
-        messages = client.receive_message(
-            QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1
-        ).get("Messages", [])
-        for message in messages:
-            body = json.loads(message["Body"])
-            body.get("args")
-        if messages:
-            client.delete_message_batch(
-                QueueUrl=url,
-                Entries=[
-                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                    for i, m in enumerate(messages)
-                ],
-            )
-            done += len(messages)
+        done += _plain_batch(client, url, lambda message: json.loads(message["Body"]))
     return time.perf_counter() - started
+
+
+def _plain_batch(client: Any, url: str, run: Callable[[Any], object]) -> int:
+    """The plain loop's step: receive up to ten, ``run`` each, delete them in one request."""
+    messages = client.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1).get(
+        "Messages", []
+    )
+    for message in messages:
+        run(message)
+    if messages:
+        client.delete_message_batch(
+            QueueUrl=url,
+            Entries=[
+                {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)
+            ],
+        )
+    return len(messages)
 
 
 def _ebsqs_consume(name: str, url: str, count: int) -> float:
@@ -199,26 +202,17 @@ def _claim_checks(client: Any, s3: Any, bucket: str, count: int) -> tuple[float,
     started = time.perf_counter()
     done = 0
     while done < count + 1:
-        messages = client.receive_message(
-            QueueUrl=plain_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
-        ).get("Messages", [])
-        for message in messages:
-            where, key = json.loads(message["Body"])
-            text = s3.get_object(Bucket=where, Key=key)["Body"].read().decode()
-            json.loads(text)
-            s3.delete_object(Bucket=where, Key=key)
-        if messages:
-            client.delete_message_batch(
-                QueueUrl=plain_url,
-                Entries=[
-                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
-                    for i, m in enumerate(messages)
-                ],
-            )
-            done += len(messages)
+        done += _plain_batch(client, plain_url, lambda message: _plain_fetch(s3, message))
     recv_p = (count + 1) / (time.perf_counter() - started)
     producer.broker_for.cache_clear()
     return send_e, send_p, recv_e, recv_p
+
+
+def _plain_fetch(s3: Any, message: Any) -> None:
+    """Fetch, parse and delete the object a plain pointer names."""
+    where, key = json.loads(message["Body"])
+    json.loads(s3.get_object(Bucket=where, Key=key)["Body"].read().decode())
+    s3.delete_object(Bucket=where, Key=key)
 
 
 def _new_standard(client: Any) -> tuple[str, str]:
