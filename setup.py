@@ -32,6 +32,7 @@ setup(
             # AWS's own claim-check client: large payloads must travel both ways with it.
             "amazon-sqs-extended-client>=1.0",
             "opentelemetry-sdk>=1.25",
+            "sentry-sdk>=2",  # its logging integration must see a failed task once
         ],
         "dev": ["ruff>=0.6", "mypy>=1.11", "boto3-stubs[sqs,s3]", "django-stubs"],
     },

@@ -1,4 +1,17 @@
-"""structlog configuration, called only by entry points (and again in each child after fork).
+"""Logging: ebsqs emits through Python's ``logging``, the structlog way; entry points configure it.
+
+- Modules log with :func:`get_logger` (structlog over ``logging.getLogger(__name__)``): nothing
+  is configured at import or on ``.delay()``. A process that configured no logging prints
+  nothing from ebsqs (a ``NullHandler`` on ``ebsqs`` keeps even warnings from logging's
+  last-resort handler); one that did gets ebsqs's lines as plain records (message: the event's
+  name; fields: attributes), like any library's.
+- :func:`configure` (``ebsqs worker``, ``supervise``, each child after the fork) puts one handler
+  on the root logger, so the application's own lines come out in the same console or JSON
+  format. Every line inside a task carries ``task``, ``task_id``, ``message_id``, ``queue`` and
+  ``attempt`` from :mod:`ebsqs.context`, which every executor sets around each attempt (in the
+  process executor, in the pool process).
+- ``EBSQS_LOG_HANDLERS=keep`` leaves ``logging``'s handlers and levels to the application (the
+  Django commands set it when ``LOGGING`` configures the root or ``ebsqs`` logger).
 
 A log line that cannot be written never stops the process: a full disk, a closed pipe (journald
 restarting, a ``| head`` that exited), a terminal that went away. The line is dropped and
@@ -15,9 +28,14 @@ from collections.abc import Iterator
 from typing import Any, Literal, TextIO
 
 import structlog
+from structlog.typing import EventDict
+
+from ebsqs.context import TaskContext, current_or_none
 
 LogFormat = Literal["auto", "console", "json"]
 LEVELS = ("debug", "info", "warning", "error", "critical")
+#: ``keep``: :func:`configure` leaves ``logging``'s handlers and levels to whoever set them.
+HANDLERS_ENV = "EBSQS_LOG_HANDLERS"
 
 
 def configure(log_format: LogFormat = "auto", level: str = "info", **bound: Any) -> None:
@@ -28,6 +46,10 @@ def configure(log_format: LogFormat = "auto", level: str = "info", **bound: Any)
     application's own ``logging`` lines come out in the same format as ebsqs's, with the same
     context. structlog is configured for the stdlib (``ProcessorFormatter``).
 
+    With ``EBSQS_LOG_HANDLERS=keep`` in the environment (set by the Django commands when
+    ``LOGGING`` configures the root or ``ebsqs`` logger), ``logging``'s handlers and levels are
+    left as they are: only structlog and the bound context are set.
+
     Args:
         log_format: ``console`` (readable), ``json`` (one object per line with a timestamp), or
             ``auto``: console on a terminal, JSON otherwise.
@@ -37,20 +59,17 @@ def configure(log_format: LogFormat = "auto", level: str = "info", **bound: Any)
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *_shared_processors(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
+        processors=_LIBRARY_CHAIN.copy(),
         wrapper_class=structlog.stdlib.BoundLogger,
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
-    root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, OutputHandler)]:
-        root.removeHandler(old)
-    root.addHandler(handler(log_format))
-    root.setLevel(level.upper())
+    if os.environ.get(HANDLERS_ENV, "ebsqs") != "keep":
+        root = logging.getLogger()
+        for old in [h for h in root.handlers if isinstance(h, OutputHandler)]:
+            root.removeHandler(old)
+        root.addHandler(handler(log_format))
+        root.setLevel(level.upper())
     if bound:
         structlog.contextvars.bind_contextvars(**bound)
 
@@ -71,7 +90,13 @@ def handler(log_format: LogFormat = "auto", stream: TextIO | None = None) -> Out
     out = OutputHandler(Output(stream))
     out.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=_shared_processors(),
+            foreign_pre_chain=[
+                _record_fields,
+                add_task_context,
+                structlog.contextvars.merge_contextvars,
+                structlog.processors.add_log_level,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
@@ -80,15 +105,6 @@ def handler(log_format: LogFormat = "auto", stream: TextIO | None = None) -> Out
         )
     )
     return out
-
-
-def _shared_processors() -> list[Any]:
-    """What every line gets, ebsqs's and the application's: context, level, timestamp."""
-    return [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
 
 
 def get_logger(name: str) -> Any:
@@ -133,7 +149,7 @@ class Output:
         self._pid = os.getpid()
         self.dropped = 0
 
-    def msg(self, message: str) -> None:
+    def write(self, message: str) -> None:
         """Write one rendered line; on any failure to write, drop it and count it."""
         if self._pid != os.getpid():
             self._lock, self._pid = threading.Lock(), os.getpid()
@@ -142,10 +158,6 @@ class Output:
                 self._write(message + "\n")
             except (OSError, ValueError):  # ENOSPC, EPIPE, EIO, EAGAIN, EBADF; a closed file
                 self.dropped += 1
-
-    # structlog calls the method named after the level; every level is one line.
-    debug = info = warning = warn = error = err = critical = exception = fatal = failure = msg
-    log = msg
 
     def _write(self, line: str) -> None:
         if self._fd is None:
@@ -170,7 +182,7 @@ class OutputHandler(logging.Handler):
         except Exception:  # noqa: BLE001 - a record that cannot be formatted is dropped too
             self.output.dropped += 1
             return
-        self.output.msg(line)
+        self.output.write(line)
 
 
 def _fileno(stream: TextIO) -> int | None:
@@ -216,9 +228,83 @@ class _Chain:
         return iter(_LIBRARY_CHAIN)
 
 
-_LIBRARY_CHAIN: list[Any] = [
-    structlog.stdlib.filter_by_level,
-    structlog.contextvars.merge_contextvars,
-    structlog.stdlib.render_to_log_kwargs,
-]
+def add_task_context(_: Any, __: str, event: EventDict) -> EventDict:
+    """structlog processor: the running task's ``task``, ``task_id``, ``message_id``, ``queue``
+    and ``attempt`` (from :mod:`ebsqs.context`, set around each attempt in every executor)."""
+    ctx = current_or_none()
+    if ctx is not None:
+        for key, value in _task_fields(ctx).items():
+            event.setdefault(key, value)
+    return event
+
+
+class TaskContextFilter(logging.Filter):
+    """A ``logging`` filter giving each record inside a task the same fields as attributes.
+
+    For handlers of one's own (``LOGGING``'s ``"filters"``: ``{"()":
+    "ebsqs.log.TaskContextFilter"}``); ebsqs's handler adds them without it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ctx = current_or_none()
+        if ctx is not None:
+            for key, value in _task_fields(ctx).items():
+                if not hasattr(record, key):
+                    setattr(record, key, value)
+        return True
+
+
+def _task_fields(ctx: TaskContext) -> dict[str, Any]:
+    return {
+        "task": ctx.task_name,
+        "task_id": ctx.task_id,
+        "message_id": ctx.message_id,
+        "queue": ctx.queue,
+        "attempt": ctx.attempt,
+    }
+
+
+#: What a LogRecord has of its own: an event's field by one of these names travels only whole.
+_RECORD_ATTRS = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+_FIELDS = "_ebsqs_fields"  # a leading underscore: Sentry leaves it out of an event's extra
+_LOG_KWARGS = ("exc_info", "stack_info", "stacklevel")
+
+
+def _to_record(_: Any, __: str, event: EventDict) -> dict[str, Any]:
+    """structlog's last processor: an event becomes a plain stdlib record.
+
+    The message is the event's name and each field an attribute (``extra``), as any ``logging``
+    handler (Sentry's, Django's) expects; the whole event also rides along for
+    :func:`_record_fields`, so a field named like a record attribute is kept, not refused.
+    """
+    kwargs = {key: event.pop(key) for key in _LOG_KWARGS if key in event}
+    name = event.pop("event", "")
+    extra = {key: value for key, value in event.items() if key not in _RECORD_ATTRS}
+    extra[_FIELDS] = event
+    return {"msg": name, "extra": extra, **kwargs}
+
+
+def _record_fields(_: Any, __: str, event: EventDict) -> EventDict:
+    """``ProcessorFormatter``'s first processor: a record's fields back into the event.
+
+    An ebsqs event's own fields, or the ``extra`` attributes of the application's records.
+    """
+    record: logging.LogRecord = event["_record"]
+    fields = getattr(record, _FIELDS, None)
+    if fields is None:
+        fields = {
+            key: value
+            for key, value in vars(record).items()
+            if key not in _RECORD_ATTRS and not key.startswith("_")
+        }
+    event.update(fields)
+    return event
+
+
+# The first processor drops a line below its logger's level before any work is done on it.
+_LIBRARY_CHAIN: list[Any] = [structlog.stdlib.filter_by_level, _to_record]
 _CHAIN = _Chain()
+
+# Python's advice to libraries: without it, a process that configured no logging would get
+# ebsqs's warnings on stderr from logging's last-resort handler. Silent unless configured.
+logging.getLogger("ebsqs").addHandler(logging.NullHandler())

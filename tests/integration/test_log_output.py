@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
 import pytest
 
-from tests.fixtures import logout_tasks
-from tests.integration.processes import EBSQS, Backend
+from tests.fixtures import logging_tasks, logout_tasks
+from tests.integration.processes import EBSQS, Backend, WorkerProcess
 from tests.servers import ROOT
 from tests.waiting import wait_until
 
@@ -106,3 +107,72 @@ def test_unwritable_log_output_never_stops_work(
     # Each process counted its own dropped lines: at least the three each task logged.
     assert all(dropped >= 3 for _, _, dropped in runs)
     assert backend.counts(QUEUE) == (0, 0, 0)
+
+
+# -- lines go through `logging`: the application's own lines come out too, with the task's ----
+
+APP = "tests.fixtures.logging_tasks"
+
+
+@pytest.mark.parametrize("executor", ["inline", "thread", "process", "asyncio"])
+def test_a_tasks_own_logging_lines_carry_its_context(
+    backend: Backend, tmp_path: Path, executor: str
+) -> None:
+    backend.create("applog")
+    args = ["--app", APP, "--queues", "applog", "--wait", "1", "--executor", executor]
+    with WorkerProcess(args, backend.env, tmp_path / "worker.log") as worker:
+        chosen = logging_tasks.app_async_line if executor == "asyncio" else logging_tasks.app_line
+        task_id = chosen.delay("k1")
+        lines = wait_until(
+            lambda: worker.events("app_line_logged k1"), timeout=20, message=worker.describe
+        )
+        assert worker.stop() == 0, worker.describe()
+
+    [line] = lines
+    assert line["level"] == "info" and line["key"] == "k1" and "timestamp" in line
+    assert (line["task"], line["task_id"]) == (chosen.name, task_id)
+    assert line["queue"] == "applog" and line["attempt"] == 1 and line["message_id"]
+    # The worker's own lines of that task carry the same ids, in the same format.
+    [done] = worker.events("task_succeeded")
+    assert (done["task_id"], done["message_id"]) == (line["task_id"], line["message_id"])
+    # Outside a task, a line has no task context.
+    assert all("task_id" not in e for e in worker.events("worker_started"))
+
+
+PRODUCER = """
+import logging, os, sys
+from ebsqs import producer
+from ebsqs.config import load_settings
+from ebsqs.brokers import from_url
+from ebsqs.log import get_logger
+from tests.fixtures import logging_tasks
+if sys.argv[1] == "configured":
+    logging.basicConfig(level=logging.INFO)
+settings = load_settings()
+producer.ensure_queue(from_url(settings.broker_url), settings, settings.physical_queue("applog"))
+logging_tasks.app_line.delay("from-a-web-process")
+get_logger("ebsqs.producer").warning("a_warning_from_ebsqs")
+"""
+
+
+@pytest.mark.parametrize("configured", [False, True])
+def test_a_producer_that_configured_no_logging_prints_nothing(
+    backend: Backend, configured: bool
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PRODUCER, "configured" if configured else "bare"],
+        cwd=ROOT,
+        env=backend.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert backend.counts(backend.settings.physical_queue("applog"))[0] == 1
+    assert done.stdout == ""
+    if configured:  # the application's own logging gets ebsqs's lines, as any library's
+        assert "queue_ensured" in done.stderr and "a_warning_from_ebsqs" in done.stderr
+    else:  # not even the warning, from logging's last-resort handler
+        assert done.stderr == ""

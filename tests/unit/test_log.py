@@ -1,4 +1,5 @@
-"""ebsqs.log: lines that cannot be written are dropped and counted, never raised.
+"""ebsqs.log: lines that cannot be written are dropped and counted, never raised; lines go
+through ``logging``, with the running task's context; a process that configured nothing is silent.
 
 Real sinks: ``/dev/full`` (ENOSPC), a pipe whose reader closed (EPIPE), a closed descriptor
 (EBADF), a pipe a reader drains while a long line goes through it, and a fork while another
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -19,17 +21,22 @@ import pytest
 import structlog
 
 from ebsqs import log
-from ebsqs.log import Output
+from ebsqs.context import TaskContext, activated
+from ebsqs.log import Output, OutputHandler
 
 pytestmark = pytest.mark.timeout(10)
 
 
 @pytest.fixture(autouse=True)
-def _restore_structlog() -> Iterator[None]:
+def _restore_logging() -> Iterator[None]:
     saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     yield
     structlog.configure(**saved)
     structlog.contextvars.clear_contextvars()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture
@@ -49,8 +56,8 @@ def closed_pipe() -> Iterator[IO[str]]:
 def test_a_full_disk_drops_and_counts_each_line(dev_full: IO[str]) -> None:
     output = Output(dev_full)
 
-    output.info("one")
-    output.error("two")
+    output.write("one")
+    output.write("two")
 
     assert output.dropped == 2
 
@@ -58,7 +65,7 @@ def test_a_full_disk_drops_and_counts_each_line(dev_full: IO[str]) -> None:
 def test_a_pipe_whose_reader_closed_drops_and_counts(closed_pipe: IO[str]) -> None:
     output = Output(closed_pipe)
 
-    output.warning("nobody reads this")
+    output.write("nobody reads this")
 
     assert output.dropped == 1
 
@@ -68,7 +75,7 @@ def test_a_closed_descriptor_drops_and_counts(tmp_path: Path) -> None:
     output = Output(stream)
     stream.close()
 
-    output.critical("after close")
+    output.write("after close")
 
     assert output.dropped == 1
 
@@ -77,8 +84,8 @@ def test_lines_that_can_be_written_are_written_whole(tmp_path: Path) -> None:
     path = tmp_path / "log"
     with path.open("w") as stream:
         output = Output(stream)
-        output.info("first")
-        output.info("zweite €")
+        output.write("first")
+        output.write("zweite €")
 
     assert path.read_text() == "first\nzweite €\n"
     assert output.dropped == 0
@@ -92,7 +99,7 @@ def test_a_line_longer_than_the_pipe_arrives_whole() -> None:
     reader.start()
     with os.fdopen(write_end, "w") as writer:
         output = Output(writer)
-        output.info(line)
+        output.write(line)
     reader.join(timeout=5)
 
     assert received == (line + "\n").encode()
@@ -109,9 +116,9 @@ def test_a_stream_without_a_descriptor_is_written_as_a_stream() -> None:
     stream = io.StringIO()
     output = Output(stream)
 
-    output.info("captured")
+    output.write("captured")
     stream.close()
-    output.info("after close")
+    output.write("after close")
 
     assert output.dropped == 1
 
@@ -147,7 +154,7 @@ def test_dropped_lines_is_zero_when_lines_are_written(
 
 
 def test_dropped_lines_is_zero_under_someone_elses_configuration() -> None:
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory())
+    logging.getLogger().handlers[:] = [logging.StreamHandler(io.StringIO())]
 
     assert log.dropped_lines() == 0
 
@@ -169,7 +176,7 @@ def test_a_child_forked_while_another_thread_writes_can_log(tmp_path: Path) -> N
         holding.wait(5)
         pid = os.fork()
         if pid == 0:  # the child: one line, then leave without pytest's cleanup
-            output.info("from the child")
+            output.write("from the child")
             os._exit(0)
         _, status = os.waitpid(pid, 0)
         release.set()
@@ -177,3 +184,115 @@ def test_a_child_forked_while_another_thread_writes_can_log(tmp_path: Path) -> N
 
     assert os.waitstatus_to_exitcode(status) == 0
     assert path.read_text() == "from the child\n"
+
+
+def _task() -> TaskContext:
+    return TaskContext(
+        task_name="shop.tasks.record", task_id="t-1", message_id="m-1", queue="a", attempt=2,
+        max_retries=3,
+    )  # fmt: skip
+
+
+def _lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_applications_own_lines_come_out_as_json_with_the_tasks_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        monkeypatch.setattr("sys.stderr", stream)
+        log.configure("json", "info", role="worker")
+        app = logging.getLogger("app.views")
+        with activated(_task()):
+            app.info("charged %s", "alice", extra={"amount": 3})
+            log.get_logger("ebsqs.worker.loop").warning("ebsqs_line", n=1)
+        app.info("outside")
+        app.debug("below the level")
+
+    inside, ours, outside = _lines(path)
+    context = {"task": "shop.tasks.record", "task_id": "t-1", "message_id": "m-1", "queue": "a"}
+    assert inside.items() >= {**context, "event": "charged alice", "amount": 3}.items()
+    assert inside["attempt"] == 2 and inside["level"] == "info" and inside["role"] == "worker"
+    assert ours.items() >= {**context, "event": "ebsqs_line", "n": 1, "level": "warning"}.items()
+    assert outside["event"] == "outside" and "task_id" not in outside
+    assert {"timestamp", "level", "event"} <= inside.keys()
+
+
+def test_an_event_field_named_like_a_record_attribute_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        monkeypatch.setattr("sys.stderr", stream)
+        log.configure("json", "info")
+        log.get_logger("ebsqs.test").info("child_spawned", name="n", args=[1], process=7)
+
+    [line] = _lines(path)
+    assert (line["name"], line["args"], line["process"]) == ("n", [1], 7)
+
+
+def test_an_ebsqs_line_is_a_plain_record_for_other_handlers() -> None:
+    """Sentry's and Django's handlers see the event's name and its fields as attributes."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ebsqs.test.plain")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        structlog.reset_defaults()  # nobody configured structlog: ebsqs's own chain
+        log.get_logger("ebsqs.test.plain").error("task_failed", task_id="t-1", error="boom")
+        log.get_logger("ebsqs.test.plain").debug("below_the_level")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+    [record] = records
+    assert record.getMessage() == "task_failed" and record.levelno == logging.ERROR
+    assert (record.task_id, record.error) == ("t-1", "boom")  # type: ignore[attr-defined]
+
+
+def test_a_filter_gives_records_inside_a_task_its_fields() -> None:
+    record = logging.makeLogRecord({"msg": "x"})
+    with activated(_task()):
+        assert log.TaskContextFilter().filter(record)
+
+    assert (record.task_id, record.attempt) == ("t-1", 2)  # type: ignore[attr-defined]
+
+
+def test_configure_leaves_handlers_alone_when_told_to_keep_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mine = logging.StreamHandler(io.StringIO())
+    logging.getLogger().handlers[:] = [mine]
+    monkeypatch.setenv(log.HANDLERS_ENV, "keep")
+
+    log.configure("json", "debug")
+
+    assert logging.getLogger().handlers == [mine]
+    monkeypatch.delenv(log.HANDLERS_ENV)
+    log.configure("json", "debug")
+    assert [type(h) for h in logging.getLogger().handlers] == [logging.StreamHandler, OutputHandler]
+    log.configure("json", "debug")  # again, as a child after the fork: replaced, not added
+    assert len(logging.getLogger().handlers) == 2
+
+
+def test_a_process_that_configured_nothing_is_silent_even_for_warnings(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    structlog.reset_defaults()
+
+    log.get_logger("ebsqs.producer").warning("would_go_to_the_last_resort_handler")
+
+    assert logging.getLogger("ebsqs").handlers[-1].__class__ is logging.NullHandler
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_record_that_cannot_be_formatted_is_dropped_and_counted(tmp_path: Path) -> None:
+    with (tmp_path / "log").open("w") as stream:
+        handler = log.handler("json", stream)
+        handler.handle(logging.makeLogRecord({"msg": "%d", "args": ("not a number",)}))
+
+    assert handler.output.dropped == 1

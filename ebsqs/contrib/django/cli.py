@@ -4,7 +4,9 @@ declaring its options on Django commands."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import click
@@ -26,7 +28,8 @@ def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
     from ebsqs.cli import main
 
     try:
-        code = main.main(args=list(argv), prog_name=prog_name, standalone_mode=False)
+        with logging_precedence():
+            code = main.main(args=list(argv), prog_name=prog_name, standalone_mode=False)
     except SystemExit as exc:  # commands that end with sys.exit(code): healthcheck, supervise
         code = exc.code
     except click.exceptions.Abort:
@@ -41,6 +44,36 @@ def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
     if isinstance(code, int):
         raise CommandError(f"{command} exited with status {code}", returncode=code)
     raise CommandError(f"{command}: {code}", returncode=ExitCode.ERROR)
+
+
+@contextmanager
+def logging_precedence() -> Iterator[None]:
+    """While an ebsqs command runs, ``LOGGING`` wins when it configures the root or ``ebsqs``.
+
+    Then ebsqs leaves ``logging``'s handlers and levels alone (``EBSQS_LOG_HANDLERS=keep``, which
+    the forked children inherit); ``EBSQS_LOG_HANDLERS`` already in the environment wins over
+    both. Otherwise ebsqs puts its own handler on the root, as outside Django.
+    """
+    from django.conf import settings
+
+    from ebsqs.log import HANDLERS_ENV
+
+    if HANDLERS_ENV in os.environ or not _configures_ebsqs(getattr(settings, "LOGGING", None)):
+        yield
+        return
+    os.environ[HANDLERS_ENV] = "keep"
+    try:
+        yield
+    finally:
+        os.environ.pop(HANDLERS_ENV, None)
+
+
+def _configures_ebsqs(config: Any) -> bool:
+    """Whether a ``LOGGING`` dict configures the root logger or the ``ebsqs`` logger."""
+    if not isinstance(config, dict):
+        return False
+    loggers = config.get("loggers") or {}
+    return bool(config.get("root")) or "" in loggers or "root" in loggers or "ebsqs" in loggers
 
 
 def has_command(name: str) -> bool:
