@@ -22,7 +22,7 @@ def test_a_soft_limit_over_its_hard_limit_is_refused(hard: str, soft: str, named
 def test_the_environment_is_checked_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EBSQS_TIME_LIMIT", "30")
     monkeypatch.setenv("EBSQS_SOFT_TIME_LIMIT", "45")
-    with pytest.raises(ConfigurationError, match="45 s.*30 s, time_limit"):
+    with pytest.raises(ConfigurationError, match=r"45 s.*30 s, time_limit"):
         load_settings()
 
 
