@@ -9,6 +9,13 @@ counted after its last heartbeat and before a SIGKILL is lost: at most one heart
 (a second) of work. Children send a last heartbeat when they exit on their own, so graceful
 exits lose nothing.
 
+Every configured queue has every counter family from the start, at zero, and
+``ebsqs_children`` a sample per state (:data:`CHILD_STATES`), so rates and alerts never meet a
+missing series. ``ebsqs_build_info`` names the ebsqs and Python versions. Queue depth
+(``ebsqs_queue_messages``, ``ebsqs_dead_letter_messages``) comes from the master's
+:class:`~ebsqs.ops.depth.DepthSampler`, with the time of its last good sample and a staleness
+flag.
+
 The metric families follow from the counter fields (:data:`~ebsqs.counters.TASK_COUNTERS`,
 :data:`~ebsqs.counters.QUEUE_COUNTERS`): a counter added there appears here with no change.
 
@@ -19,7 +26,10 @@ otherwise: metrics name queues and tasks, which is not for the world to read.
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import os
+import platform
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -29,11 +39,16 @@ from typing import Any
 
 from ebsqs.counters import DURATION_BUCKETS, QUEUE_COUNTERS, TASK_COUNTERS, Counters, TaskStats
 from ebsqs.log import get_logger
+from ebsqs.ops.depth import QueueDepth
 from ebsqs.supervisor.snapshot import ChildSnapshot, KillReason, Phase, SupervisorSnapshot
 
 log = get_logger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Every state ``ebsqs_children`` reports, at 0 when no child is in it: the master's phases,
+#: and a consuming child's own states (see :func:`_state`).
+CHILD_STATES = ("booting", "idle", "busy", "degraded", "retiring", "killing")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +64,11 @@ class Metrics:
     server's thread (:meth:`render`). Snapshots are frozen, so handing one over is safe.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, depths: Callable[[], Mapping[str, QueueDepth]] | None = None) -> None:
+        """``depths``: the queues' latest depths (:meth:`DepthSampler.depths`), if sampled."""
         self._taken: _Taken | None = None
         self._lock = threading.Lock()
+        self.depths = depths
 
     def update(self, snapshot: SupervisorSnapshot, at: float | None = None) -> None:
         """Serve ``snapshot`` from now on (``at``: when it was taken, monotonic)."""
@@ -70,23 +87,43 @@ class Metrics:
         if taken is None:
             return ""
         now = time.monotonic() if now is None else now
-        return render(taken.snapshot, max(now - taken.at, 0.0))
+        depths = self.depths() if self.depths is not None else None
+        return render(taken.snapshot, max(now - taken.at, 0.0), depths)
 
 
-def render(snapshot: SupervisorSnapshot, age: float = 0.0) -> str:
-    """``snapshot`` in Prometheus text format; ``age``: seconds since it was taken."""
-    totals = snapshot.queue_counts
-    lines: list[str] = []
+def render(
+    snapshot: SupervisorSnapshot,
+    age: float = 0.0,
+    depths: Mapping[str, QueueDepth] | None = None,
+) -> str:
+    """``snapshot`` in Prometheus text format.
+
+    Every configured queue has every counter family from the start (at zero), and every child
+    state its gauge, so a rate or an alert never meets a missing series.
+
+    Args:
+        snapshot: the master's snapshot.
+        age: seconds since it was taken.
+        depths: the queues' depths from the master's sampler (:mod:`ebsqs.ops.depth`), if any.
+    """
+    totals = {**{q: Counters() for q in snapshot.targets}, **snapshot.queue_counts}
+    lines: list[str] = _family(
+        "ebsqs_build_info",
+        "gauge",
+        "The running ebsqs and Python versions (always 1).",
+        [({"version": _version(), "python": platform.python_version()}, 1)],
+    )
     lines += _task_counters(totals)
     lines += _duration_histogram(totals)
     lines += _queue_counters(totals)
+    restarts = {**dict.fromkeys(totals, 0), **snapshot.queue_restarts}
     lines += _family(
         "ebsqs_child_restarts_total",
         "counter",
         "Unplanned child replacements (crashes, hangs).",
-        [({"queue": q}, n) for q, n in sorted(snapshot.queue_restarts.items())],
+        [({"queue": q}, n) for q, n in sorted(restarts.items())],
     )
-    kills = {(q, r): 0 for q in snapshot.targets for r in KillReason}
+    kills = {(q, r): 0 for q in totals for r in KillReason}
     kills.update(snapshot.kills)
     lines += _family(
         "ebsqs_child_kills_total",
@@ -95,7 +132,55 @@ def render(snapshot: SupervisorSnapshot, age: float = 0.0) -> str:
         [({"queue": q, "reason": str(r)}, n) for (q, r), n in sorted(kills.items())],
     )
     lines += _child_gauges(snapshot, age)
+    if depths is not None:
+        lines += _depth_gauges(depths)
     return "\n".join(lines) + "\n"
+
+
+@functools.cache
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ebsqs")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _depth_gauges(depths: Mapping[str, QueueDepth]) -> list[str]:
+    rows = [depths[q] for q in sorted(depths)]
+    return [
+        *_family(
+            "ebsqs_queue_messages",
+            "gauge",
+            "Messages in each queue by state, as the broker reports them (sampled every 15 s).",
+            [
+                ({"queue": d.queue, "state": state}, value)
+                for d in rows
+                for state, value in (
+                    ("visible", d.visible),
+                    ("in_flight", d.in_flight),
+                    ("delayed", d.delayed),
+                )
+            ],
+        ),
+        *_family(
+            "ebsqs_dead_letter_messages",
+            "gauge",
+            "Messages in each queue's dead-letter queue (sampled every 15 s).",
+            [({"queue": d.queue}, d.dead_letters) for d in rows if d.dead_letters is not None],
+        ),
+        *_family(
+            "ebsqs_queue_depth_sampled_timestamp_seconds",
+            "gauge",
+            "Unix time of each queue's last good depth sample (0: none yet).",
+            [({"queue": d.queue}, round(d.sampled_at, 3)) for d in rows],
+        ),
+        *_family(
+            "ebsqs_queue_depth_stale",
+            "gauge",
+            "1 while the latest depth sample failed (the depths shown are older).",
+            [({"queue": d.queue}, int(d.stale)) for d in rows],
+        ),
+    ]
 
 
 def _task_rows(totals: Mapping[str, Counters]) -> Iterator[tuple[str, str, TaskStats]]:
@@ -149,7 +234,7 @@ def _state(child: ChildSnapshot) -> str:
 def _child_gauges(snapshot: SupervisorSnapshot, age: float) -> list[str]:
     queues = list(snapshot.targets)
     children = snapshot.children
-    states: dict[tuple[str, str], int] = {}
+    states = {(q, s): 0 for q in queues for s in CHILD_STATES}
     held: dict[str, int] = dict.fromkeys(queues, 0)
     running: dict[str, int] = dict.fromkeys(queues, 0)
     for child in children:

@@ -8,11 +8,13 @@ events and snapshots into:
   a HUP, ``STOPPING=1`` and ``EXTEND_TIMEOUT_USEC`` while a drain makes progress;
 - the status file ``ebsqs status`` and ``ebsqs healthcheck`` read, rewritten once a second;
 - the metrics: each snapshot handed to :class:`~ebsqs.ops.metrics.Metrics`, served over HTTP when
-  ``--metrics-port`` is given.
+  ``--metrics-port`` is given;
+- queue depth (visible, in flight, delayed, dead letters), read by a
+  :class:`~ebsqs.ops.depth.DepthSampler` thread every 15 s, shown in metrics and the status file.
 
-Everything here runs in the master's loop (the HTTP server's thread only reads the snapshot),
-never blocks for long, and never raises into the master: the notifier and the status file log
-their own failures once.
+Everything here runs in the master's loop (the HTTP server's thread only reads the snapshot,
+the sampler's thread alone talks to the broker), never blocks for long, and never raises into
+the master: the notifier, the status file and the sampler log their own failures once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from collections.abc import Callable
 
 from ebsqs.errors import ConfigurationError
 from ebsqs.log import get_logger
+from ebsqs.ops.depth import DepthSampler
 from ebsqs.ops.metrics import Metrics, MetricsServer
 from ebsqs.ops.status import DEGRADED, StatusFile, document, stale_after, status_path
 from ebsqs.ops.systemd import STOP_MARGIN, Notifier
@@ -47,11 +50,13 @@ class Operations(Extension):
         server: MetricsServer | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sampler: DepthSampler | None = None,
     ) -> None:
         self.config = config
         self.notifier = notifier
         self.status_file = status_file
-        self.metrics = metrics or Metrics()
+        self.sampler = sampler
+        self.metrics = metrics or Metrics(sampler.depths if sampler is not None else None)
         self.server = server
         self.clock = clock
         self._last_status = ""
@@ -78,7 +83,8 @@ class Operations(Extension):
         """
         notifier = Notifier.from_environ(unset=True)
         path = status_path(status_file, config.pidfile, os.getpid())
-        metrics = Metrics()
+        sampler = DepthSampler(config.settings, [spec.name for spec in config.queues])
+        metrics = Metrics(sampler.depths)
         server = None
         if metrics_port is not None:
             server = MetricsServer(metrics.render, metrics_port, metrics_host)
@@ -88,20 +94,26 @@ class Operations(Extension):
                 raise ConfigurationError(
                     f"cannot serve metrics on {metrics_host}:{metrics_port}: {exc}"
                 ) from None
-        return cls(config, notifier, StatusFile(path), server, metrics)
+        return cls(config, notifier, StatusFile(path), server, metrics, sampler=sampler)
 
     # -- the master's events ---------------------------------------------------------------
 
     def on_starting(self, snapshot: SupervisorSnapshot) -> None:
-        """Serve metrics from here on (after the app's import, before the first fork)."""
+        """Serve metrics from here on (after the app's import, before the first fork), and
+        build the depth sampler's broker now, before any fork (see :mod:`ebsqs.ops.depth`)."""
+        if self.sampler is not None:
+            self.sampler.prepare()
         self._publish(snapshot)
         if self.server is not None:
             self.server.serve()
 
     def on_ready(self, snapshot: SupervisorSnapshot) -> None:
-        """``READY=1`` with the first status line."""
+        """``READY=1`` with the first status line; queue depth is sampled from here on (once
+        the first children are forked: see :mod:`ebsqs.ops.depth` about forks)."""
         self._last_status = summary(snapshot)
         self.notifier.ready(self._last_status)
+        if self.sampler is not None and not self.sampler.started:
+            self.sampler.start()
         self._publish(snapshot)
 
     def on_tick(self, snapshot: SupervisorSnapshot) -> None:
@@ -136,11 +148,13 @@ class Operations(Extension):
         self._publish(snapshot)
 
     def on_stopped(self, snapshot: SupervisorSnapshot, exit_code: int) -> None:
-        """Remove the status file and stop serving metrics."""
+        """Remove the status file, stop serving metrics and sampling depth."""
         if self.status_file is not None:
             self.status_file.remove()
         if self.server is not None:
             self.server.stop()
+        if self.sampler is not None:
+            self.sampler.stop()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -153,6 +167,7 @@ class Operations(Extension):
                     snapshot,
                     heartbeat_timeout=self.config.heartbeat_timeout,
                     metrics_url=self.server.url if self.server is not None else None,
+                    depths=self.sampler.depths() if self.sampler is not None else None,
                 )
             )
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ebsqs.log import get_logger
+from ebsqs.ops.depth import QueueDepth
 from ebsqs.supervisor.snapshot import ChildSnapshot, Phase, SupervisorSnapshot
 
 log = get_logger(__name__)
@@ -114,6 +115,7 @@ def document(
     heartbeat_timeout: float,
     metrics_url: str | None = None,
     now: float | None = None,
+    depths: Mapping[str, QueueDepth] | None = None,
 ) -> dict[str, Any]:
     """The status document for a snapshot: plain JSON types only.
 
@@ -122,6 +124,7 @@ def document(
         heartbeat_timeout: the master's, so readers judge heartbeats as the master does.
         metrics_url: where metrics are served, if they are.
         now: wall-clock time the snapshot was taken (default: now).
+        depths: the queues' depths from the master's sampler, if it samples.
     """
     return {
         "version": VERSION,
@@ -140,6 +143,18 @@ def document(
         "recycled": snapshot.recycled,
         "degraded": sum(1 for child in snapshot.children if child.state == DEGRADED),
         "children": [_child_document(child) for child in snapshot.children],
+        "queues": {queue: _depth_document(depth) for queue, depth in (depths or {}).items()},
+    }
+
+
+def _depth_document(depth: QueueDepth) -> dict[str, Any]:
+    return {
+        "visible": depth.visible,
+        "in_flight": depth.in_flight,
+        "delayed": depth.delayed,
+        "dead_letters": depth.dead_letters,
+        "sampled_at": round(depth.sampled_at, 3) if depth.sampled_at else None,
+        "stale": depth.stale,
     }
 
 
@@ -160,13 +175,22 @@ def _child_document(child: ChildSnapshot) -> dict[str, Any]:
         else {
             "name": task.name,
             "task_id": task.task_id,
-            "running_for": _rounded(task.running_for),
+            # As the last heartbeat saw it, not extrapolated: a 50 ms task that ended just
+            # after that beat would otherwise show as running for up to a second, until the
+            # next beat (which no longer names it).
+            "running_for": _rounded(_at_beat(task.running_for, child.heartbeat_age)),
             "deadline_in": _rounded(task.deadline_in),
         },
         "counts": child.counts.flat(),
         "rss": child.rss,
         "restarts": child.restarts,
+        "last_error": child.last_error,
+        "last_error_age": _rounded(child.last_error_age),
     }
+
+
+def _at_beat(running_for: float | None, heartbeat_age: float) -> float | None:
+    return None if running_for is None else max(running_for - heartbeat_age, 0.0)
 
 
 def _rounded(value: float | None) -> float | None:
@@ -448,11 +472,13 @@ def live_view(doc: Mapping[str, Any], now: float | None = None) -> dict[str, Any
     stale = age(doc, now)
     health = check_health(doc, now)
     view: dict[str, Any] = json.loads(json.dumps(doc))
+    # A task's running time stays as its child's last heartbeat reported it: the task may have
+    # ended since (see ChildSnapshot.task); the heartbeat's age says how old that news is.
     for child in view["children"]:
         child["heartbeat_age"] = round(child["heartbeat_age"] + stale, 3)
         child["uptime"] = round(child["uptime"] + stale, 3)
-        if child["task"] and child["task"]["running_for"] is not None:
-            child["task"]["running_for"] = round(child["task"]["running_for"] + stale, 3)
+        if child.get("last_error_age") is not None:
+            child["last_error_age"] = round(child["last_error_age"] + stale, 3)
     view["age"] = round(stale, 3)
     view["degraded"] = sum(1 for child in view["children"] if child["state"] == DEGRADED)
     view["alive"] = master_alive(doc)
@@ -476,6 +502,7 @@ _COLUMNS = (
     "ERRORS",
     "RESTARTS",
     "RSS",
+    "LAST ERROR",
 )
 
 
@@ -493,6 +520,7 @@ def render_table(view: Mapping[str, Any]) -> str:
     if any(counts.get(name, 0) for name in ERROR_COUNTERS):
         errors = ", ".join(f"{_label(name)} {counts.get(name, 0)}" for name in ERROR_COUNTERS)
         lines.append(f"broker errors: {errors}")
+    lines += _depth_lines(view.get("queues") or {})
     rows = [_COLUMNS, *(_row(child) for child in view["children"])]
     lines += ["", *_aligned(rows, right={1, 2, 5, 6, 7, 8, 9, 10, 11})]
     return "\n".join(lines)
@@ -514,7 +542,36 @@ def _row(child: Mapping[str, Any]) -> tuple[str, ...]:
         str(sum(counts.get(name, 0) for name in ERROR_COUNTERS)),
         str(child["restarts"]),
         _bytes(child["rss"]),
+        _last_error(child),
     )
+
+
+def _last_error(child: Mapping[str, Any]) -> str:
+    error, ago = child.get("last_error"), child.get("last_error_age")
+    if not error:
+        return "-"
+    return f"{_shorten(str(error), 50)} ({_duration(ago)} ago)" if ago is not None else str(error)
+
+
+def _depth_lines(queues: Mapping[str, Any]) -> list[str]:
+    """One line per queue: its depth and dead-letter depth at the master's last sample."""
+    lines = []
+    for queue, depth in sorted(queues.items()):
+        dead = depth.get("dead_letters")
+        when = depth.get("sampled_at")
+        note = (
+            "not sampled yet"
+            if when is None
+            else time.strftime("at %H:%M:%S", time.localtime(when))
+        )
+        if depth.get("stale"):
+            note += ", stale: the broker did not answer since"
+        lines.append(
+            f"queue {queue}: {depth.get('visible', 0)} waiting, {depth.get('in_flight', 0)} in "
+            f"flight, {depth.get('delayed', 0)} delayed, "
+            f"{'no' if dead is None else dead} dead letters ({note})"
+        )
+    return lines
 
 
 def _aligned(rows: Sequence[Sequence[str]], right: Iterable[int]) -> list[str]:

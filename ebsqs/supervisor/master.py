@@ -4,12 +4,13 @@ scales and stops them, like gunicorn's arbiter.
 Everything happens in one loop in the master's main thread: sleep until a heartbeat, a signal or
 a timer; act on recorded signals; reap exited children; then act on the
 :class:`~ebsqs.supervisor.table.Table`'s decisions. Signal handlers only record the signal and
-wake the loop through a self-pipe. The master starts no thread of its own; the one exception is
-the metrics server with ``--metrics-port`` (:mod:`ebsqs.ops.metrics`), which holds no lock
-a child could need after a fork and whose socket children close.
+wake the loop through a self-pipe. The master's loop starts no thread of its own; its
+extensions do two: the metrics server with ``--metrics-port`` (:mod:`ebsqs.ops.metrics`), which
+holds no lock a child could need after a fork and whose socket children close, and the queue
+depth sampler (:mod:`ebsqs.ops.depth`).
 
-The master imports the app once, before the first fork, and never talks to the broker: it holds
-no client, connection or broker object across a fork.
+The master imports the app once, before the first fork, and its loop never talks to the broker;
+only the depth sampler's thread does, with a broker of its own that children never use.
 
 Signals: TERM / INT drain gracefully (a second one stops fast); QUIT stops fast; HUP rolls every
 child onto freshly imported code; TTIN / TTOU add / remove one child per queue.

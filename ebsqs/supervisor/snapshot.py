@@ -47,7 +47,8 @@ class CurrentTask:
     Attributes:
         name: the task's registered name.
         task_id: its id.
-        running_for: seconds since it started.
+        running_for: seconds since it started, if it still runs: the last heartbeat named it,
+            and it may have ended since (the next beat would not name it).
         deadline_in: seconds until its hard time limit (negative once past), or None.
     """
 
@@ -76,6 +77,9 @@ class ChildSnapshot:
         rss: resident memory in bytes, from its last heartbeat.
         restarts: unplanned replacements of its slot so far (crashes, hangs).
         running: tasks it is running (of ``in_flight``), from its last heartbeat.
+        last_error: what last went wrong in it (``"failed: app.send_mail"``,
+            ``"receive_errors"``), read from its counters; None if nothing did.
+        last_error_age: seconds since the heartbeat that showed ``last_error``.
     """
 
     queue: str
@@ -92,6 +96,8 @@ class ChildSnapshot:
     rss: int
     restarts: int
     running: int = 0
+    last_error: str | None = None
+    last_error_age: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

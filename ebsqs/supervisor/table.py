@@ -88,6 +88,8 @@ class ChildRecord:
         sigkilled: SIGKILL was sent.
         reason: why it is retiring or being killed.
         kill_reason: why the master is killing it, once it is.
+        last_error: what last went wrong in it, from its counters (see :func:`new_error`).
+        last_error_at: when the heartbeat that showed it arrived.
     """
 
     slot: Slot
@@ -104,6 +106,8 @@ class ChildRecord:
     sigkilled: bool = False
     reason: str | None = None
     kill_reason: KillReason | None = None
+    last_error: str | None = None
+    last_error_at: float | None = None
 
     @property
     def attached(self) -> bool:
@@ -128,7 +132,31 @@ class ChildRecord:
             rss=beat.rss if beat else 0,
             restarts=self.slot.restarts,
             running=beat.running if beat else 0,
+            last_error=self.last_error,
+            last_error_age=None if self.last_error_at is None else now - self.last_error_at,
         )
+
+
+#: Queue-level counters that count an error, and per-task ones; the latest to advance in a
+#: heartbeat is the child's last error.
+_QUEUE_ERRORS = ("receive_errors", "ack_errors", "throttled", "kms_errors")
+_TASK_ERRORS = ("failed", "timed_out", "crashed", "redelivered")
+
+
+def new_error(old: Counters, new: Counters) -> str | None:
+    """What went wrong between two reports of one child (``"failed: app.send_mail"``,
+    ``"receive_errors"``), or None. Heartbeats carry counts, not error texts: the texts are in
+    the child's log lines."""
+    found = None
+    for name in _QUEUE_ERRORS:
+        if getattr(new, name) > getattr(old, name):
+            found = name
+    for task, stats in sorted(new.tasks.items()):
+        before = old.tasks.get(task)
+        for name in _TASK_ERRORS:
+            if getattr(stats, name) > (getattr(before, name) if before is not None else 0):
+                found = f"{name}: {task}"
+    return found
 
 
 @dataclass
@@ -195,7 +223,11 @@ class Table:
             return False
         # Malformed counts keep its last good ones; the beat still proves it alive.
         with contextlib.suppress(HeartbeatError):
-            child.counts = child.counts.updated(beat.counters())
+            counts = child.counts.updated(beat.counters())
+            error = new_error(child.counts, counts)
+            if error is not None:
+                child.last_error, child.last_error_at = error, now
+            child.counts = counts
         child.beat = beat
         child.last_beat = now
         child.deadline_at = None if beat.deadline_in is None else now + beat.deadline_in

@@ -309,11 +309,16 @@ def test_status_shows_children_per_queue_and_what_they_run(
     assert [c["state"] for c in by_queue["other"]] == ["idle"]
     assert view["targets"] == {"ops": 2, "other": 1}
     assert view["healthy"] is True
+    # The master samples each queue's depth (and its dead-letter queue's) from readiness on.
+    assert sorted(view["queues"]) == ["ops", "other"]
+    assert view["queues"]["ops"]["sampled_at"] is not None
+    assert view["queues"]["other"]["dead_letters"] == 0
 
     table = ebsqs("status", "--status-file", str(sup.status_path))
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     assert lines[0].startswith(f"ebsqs master {sup.pid}: running")
+    assert any(line.startswith("queue ops: ") and "dead letters" in line for line in lines)
     header = next(i for i, line in enumerate(lines) if line.startswith("QUEUE"))
     rows = lines[header + 1 :]
     assert len(rows) == 3

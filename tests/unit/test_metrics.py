@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import platform
+import threading
+import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
+from ebsqs.brokers.base import QueueStats
+from ebsqs.config import Settings
 from ebsqs.counters import (
     DURATION_BUCKETS,
     QUEUE_COUNTERS,
@@ -15,7 +23,14 @@ from ebsqs.counters import (
     Counters,
     TaskStats,
 )
-from ebsqs.ops.metrics import Metrics, render
+from ebsqs.errors import BrokerUnavailable, QueueDoesNotExist
+from ebsqs.ops import status
+from ebsqs.ops.depth import DepthSampler, QueueDepth
+from ebsqs.ops.metrics import CHILD_STATES, Metrics, render
+from ebsqs.ops.operations import Operations
+from ebsqs.ops.status import StatusFile
+from ebsqs.ops.systemd import Notifier
+from ebsqs.supervisor.config import QueueSpec, SupervisorConfig
 from ebsqs.supervisor.snapshot import (
     ChildSnapshot,
     KillReason,
@@ -24,6 +39,7 @@ from ebsqs.supervisor.snapshot import (
     SupervisorSnapshot,
 )
 from tests import prometheus
+from tests.waiting import wait_until
 
 
 def stats(succeeded: int = 0, failed: int = 0, retried: int = 0, *durations: float) -> TaskStats:
@@ -267,3 +283,167 @@ def test_a_counter_flows_from_the_loop_to_the_metrics_and_the_status_file() -> N
     labels = {"queue": "a", "task": "slow"}
     assert prometheus.value(scrape(snap), "ebsqs_tasks_timed_out_total", **labels) == 2
     assert document(snap, heartbeat_timeout=30.0)["counts"]["timed_out"] == 2
+
+
+# -- gaps found by scraping: build info, zeros from the start, depth -----------------------
+
+
+def test_build_info_names_the_ebsqs_and_python_versions() -> None:
+    samples = scrape(snapshot({"a": Counters()}))
+    [(name, labels)] = [key for key in samples if key[0] == "ebsqs_build_info"]
+    assert dict(labels)["python"] == platform.python_version()
+    assert dict(labels)["version"] == importlib.metadata.version("ebsqs")
+    assert samples[(name, labels)] == 1
+
+
+def test_every_queue_counter_family_exists_at_zero_for_a_queue_without_counts() -> None:
+    # A configured queue missing from queue_counts (no child reported yet) still has them all.
+    snap = dataclasses.replace(snapshot({"a": Counters()}), targets={"a": 1, "b": 2})
+    samples = scrape(snap)
+    for item in QUEUE_COUNTERS:
+        assert (item.metric, frozenset({("queue", "b")})) in samples, item.metric
+    assert (("ebsqs_child_restarts_total", frozenset({("queue", "b")}))) in samples
+    for reason in KillReason:
+        key = ("ebsqs_child_kills_total", frozenset({("queue", "b"), ("reason", str(reason))}))
+        assert samples[key] == 0
+
+
+def test_child_states_without_a_child_report_zero() -> None:
+    busy = ChildSnapshot(
+        "a", 1, 11, Phase.RUNNING, "busy", 0, 1.0, 0.1, 1, None, Counters(), 1, 0, 1
+    )
+    samples = scrape(snapshot({"a": Counters(), "b": Counters()}, (busy,)))
+    children = {
+        (dict(labels)["queue"], dict(labels)["state"]): value
+        for (name, labels), value in samples.items()
+        if name == "ebsqs_children"
+    }
+    assert children == {
+        **{("a", state): 0 for state in CHILD_STATES},
+        **{("b", state): 0 for state in CHILD_STATES},
+        ("a", "busy"): 1,
+    }
+    assert prometheus.value(samples, "ebsqs_tasks_in_flight", queue="b") == 0
+    assert ("ebsqs_tasks_in_flight", frozenset({("queue", "b")})) in samples
+
+
+def test_queue_depth_gauges_with_staleness() -> None:
+    depths = {
+        "a": QueueDepth("a", 5, 2, 1, 3, sampled_at=1_700_000_000.5),
+        "b": QueueDepth("b", 0, 0, 0, None, sampled_at=1_700_000_001.0, stale=True),
+    }
+    samples = prometheus.parse(render(snapshot({"a": Counters(), "b": Counters()}), 0, depths))
+    depth = "ebsqs_queue_messages"
+    assert prometheus.value(samples, depth, queue="a", state="visible") == 5
+    assert prometheus.value(samples, depth, queue="a", state="in_flight") == 2
+    assert prometheus.value(samples, depth, queue="a", state="delayed") == 1
+    assert prometheus.value(samples, "ebsqs_dead_letter_messages", queue="a") == 3
+    # No dead-letter queue: no series, rather than a lying zero.
+    assert ("ebsqs_dead_letter_messages", frozenset({("queue", "b")})) not in samples
+    stamp = "ebsqs_queue_depth_sampled_timestamp_seconds"
+    assert prometheus.value(samples, stamp, queue="a") == 1_700_000_000.5
+    assert prometheus.value(samples, "ebsqs_queue_depth_stale", queue="a") == 0
+    assert prometheus.value(samples, "ebsqs_queue_depth_stale", queue="b") == 1
+    # Without a sampler (render without depths), no depth family at all.
+    assert not [k for k in scrape(snapshot({"a": Counters()})) if k[0] == depth]
+
+
+def test_metrics_render_the_sampler_s_latest_depths() -> None:
+    depths = {"a": QueueDepth("a", visible=9)}
+    registry = Metrics(lambda: depths)
+    registry.update(snapshot({"a": Counters()}), at=0.0)
+    samples = prometheus.parse(registry.render(now=0.0))
+    assert prometheus.value(samples, "ebsqs_queue_messages", queue="a", state="visible") == 9
+
+
+# -- the depth sampler: off the master's loop ------------------------------------------------
+
+
+class _Depths:
+    """A broker that answers ``stats`` from a table, fails on demand, or blocks until told."""
+
+    def __init__(self) -> None:
+        self.visible: dict[str, int] = {"a": 4, "a-dlq": 2}
+        self.failing = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.release.set()
+        self.calls = 0
+
+    def stats(self, queue: str) -> QueueStats:
+        self.calls += 1
+        self.entered.set()
+        assert self.release.wait(30)
+        if self.failing:
+            raise BrokerUnavailable("no route to the broker")
+        if queue not in self.visible:
+            raise QueueDoesNotExist(queue)
+        return QueueStats(queue, self.visible[queue], 1, 0)
+
+    def close(self) -> None:
+        pass
+
+
+def sampler_of(broker: _Depths, queues: tuple[str, ...] = ("a",)) -> DepthSampler:
+    return DepthSampler(Settings(broker_url="memory://"), queues, 60, lambda url: broker)  # type: ignore[arg-type, return-value]
+
+
+def test_a_failing_sample_keeps_the_last_depths_marked_stale_and_logs_once_per_change() -> None:
+    broker = _Depths()
+    sampler = sampler_of(broker, ("a", "b"))
+    assert sampler.depths()["a"] == QueueDepth("a")  # zeros before the first sample
+    broker.visible["b"] = 7  # b has no dead-letter queue
+    sampler.sample_once()
+    good = sampler.depths()
+    assert (good["a"].visible, good["a"].in_flight, good["a"].dead_letters) == (4, 1, 2)
+    assert (good["b"].visible, good["b"].dead_letters) == (7, None)
+    assert good["a"].sampled_at > 0 and not good["a"].stale
+    broker.failing = True
+    with capture_logs() as logs:
+        sampler.sample_once()
+        sampler.sample_once()
+        broker.failing = False
+        broker.visible["a"] = 5
+        sampler.sample_once()
+    assert [e["event"] for e in logs] == ["queue_depth_failed", "queue_depth_recovered"]
+    assert logs[0]["error_type"] == "BrokerUnavailable"
+    assert sampler.depths()["a"].visible == 5 and not sampler.depths()["a"].stale
+
+
+def test_stale_depths_keep_their_values_and_sample_time() -> None:
+    broker = _Depths()
+    sampler = sampler_of(broker)
+    sampler.sample_once()
+    before = sampler.depths()["a"]
+    broker.failing = True
+    with capture_logs():
+        sampler.sample_once()
+    after = sampler.depths()["a"]
+    assert after.stale and (after.visible, after.sampled_at) == (before.visible, before.sampled_at)
+
+
+def test_a_broker_that_blocks_does_not_delay_the_master_s_hooks(tmp_path: Path) -> None:
+    broker = _Depths()
+    broker.release.clear()  # every stats call blocks until the test says
+    sampler = sampler_of(broker)
+    config = SupervisorConfig(apps=(), queues=(QueueSpec("a", 1),))
+    ops = Operations(config, Notifier(None), StatusFile(tmp_path / "status.json"), sampler=sampler)
+    snap = snapshot({"a": Counters()})
+    try:
+        ops.on_starting(snap)
+        ops.on_ready(snap)  # starts the sampler's thread, which blocks in stats at once
+        assert broker.entered.wait(10), "the sampler never asked the broker"
+        started = time.monotonic()
+        for _ in range(20):  # what the master's loop calls each tick
+            ops.on_tick(snap)
+        ops.on_reload(snap)
+        ops.on_reloaded(snap)
+        elapsed = time.monotonic() - started
+        assert elapsed < 1.0, f"the master's hooks waited {elapsed:.2f} s on the broker"
+        written = status.read_status(tmp_path / "status.json")
+        assert written["queues"]["a"]["sampled_at"] is None  # not sampled yet, and said so
+        assert broker.calls == 1
+    finally:
+        broker.release.set()
+        ops.on_stopped(snap, 0)
+    wait_until(lambda: sampler.depths()["a"].visible == 4, 10)

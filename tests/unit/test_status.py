@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -18,7 +19,17 @@ from ebsqs.counters import Counters, TaskStats
 from ebsqs.ops import status
 from ebsqs.ops.cli import healthcheck
 from ebsqs.ops.cli import status as status_command
-from ebsqs.supervisor.snapshot import ChildSnapshot, MasterState, Phase, SupervisorSnapshot
+from ebsqs.ops.depth import QueueDepth
+from ebsqs.supervisor.config import QueueSpec, SupervisorConfig
+from ebsqs.supervisor.heartbeat import Beat
+from ebsqs.supervisor.snapshot import (
+    ChildSnapshot,
+    CurrentTask,
+    MasterState,
+    Phase,
+    SupervisorSnapshot,
+)
+from ebsqs.supervisor.table import Table
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -185,7 +196,8 @@ def test_live_view_ages_the_document() -> None:
     view = status.live_view(busy_doc(), now=NOW + 2)
     assert view["age"] == 2
     assert view["alive"] is True
-    assert view["children"][0]["task"]["running_for"] == 4.5
+    # A task's time stays as its last heartbeat said: it may have ended since.
+    assert view["children"][0]["task"]["running_for"] == 2.5
     assert view["children"][0]["heartbeat_age"] == 2.4
     assert view["healthy"] is True
 
@@ -198,13 +210,14 @@ def test_the_table_is_aligned_and_shows_every_child() -> None:
     header, first, second = lines[3:6]
     assert (
         " ".join(header.split())
-        == "QUEUE # PID STATE TASK FOR DONE FAILED RETRIED ERRORS RESTARTS RSS"
+        == "QUEUE # PID STATE TASK FOR DONE FAILED RETRIED ERRORS RESTARTS RSS LAST ERROR"
     )
     assert (
-        " ".join(first.split()) == "emails 1 1001 busy myapp.tasks.send_mail 3.5s 10 1 2 0 0 50.0M"
+        " ".join(first.split())
+        == "emails 1 1001 busy myapp.tasks.send_mail 2.5s 10 1 2 0 0 50.0M -"
     )
     assert "draining/retiring" in second
-    assert second.split()[-1] == "900B"
+    assert second.split()[-2:] == ["900B", "-"]
     assert header.index("DONE") + len("DONE") == first.index(" 10 ") + len(" 10")
 
 
@@ -404,3 +417,74 @@ def test_probe_writable_refuses_what_the_master_could_not_write(tmp_path: Path) 
         status.probe_writable(tmp_path)
     with pytest.raises(FileNotFoundError):  # a pidfile's directory is not made for it
         status.probe_writable(tmp_path / "missing" / "m.pid", create_directory=False)
+
+
+# -- queue depth, last errors, and a task's time as its heartbeat saw it ----------------------
+
+
+def test_the_document_and_table_show_queue_and_dead_letter_depth() -> None:
+    snap = SupervisorSnapshot(
+        pid=os.getpid(),
+        state=MasterState.RUNNING,
+        uptime=5.0,
+        targets={"emails": 1, "bulk": 1},
+        children=(snapshot_child(1, "idle", Counters()),),
+        queue_counts={"emails": Counters()},
+        restarts=0,
+        recycled=0,
+    )
+    depths = {
+        "emails": QueueDepth("emails", 12, 3, 1, 4, sampled_at=NOW - 5),
+        "bulk": QueueDepth("bulk", 0, 0, 0, None, sampled_at=NOW - 30, stale=True),
+    }
+    document = status.document(snap, heartbeat_timeout=30.0, now=NOW, depths=depths)
+    assert status.shape_problem(document) is None
+    assert document["queues"]["emails"] == {
+        "visible": 12,
+        "in_flight": 3,
+        "delayed": 1,
+        "dead_letters": 4,
+        "sampled_at": NOW - 5,
+        "stale": False,
+    }
+    text = status.render_table(status.live_view(document, now=NOW))
+    [emails] = [line for line in text.splitlines() if line.startswith("queue emails:")]
+    assert emails.startswith("queue emails: 12 waiting, 3 in flight, 1 delayed, 4 dead letters")
+    [bulk] = [line for line in text.splitlines() if line.startswith("queue bulk:")]
+    assert "no dead letters" in bulk and "stale" in bulk
+
+
+def test_a_running_task_is_reported_as_its_last_heartbeat_saw_it() -> None:
+    # A beat 0.9 s ago saw a task 0.01 s into its run (a 50 ms task, long done since):
+    # the snapshot extrapolates, the status must not claim it ran for 0.91 s.
+    task = CurrentTask("app.quick", "t-1", running_for=0.91, deadline_in=9.09)
+    busy = dataclasses.replace(snapshot_child(1, "busy", Counters()), heartbeat_age=0.9, task=task)
+    snap = SupervisorSnapshot(
+        os.getpid(), MasterState.RUNNING, 5.0, {"emails": 1}, (busy,), {}, 0, 0
+    )
+    shown = status.document(snap, heartbeat_timeout=30.0, now=NOW)["children"][0]["task"]
+    assert shown["running_for"] == 0.01
+    assert shown["deadline_in"] == 9.09
+
+
+def test_a_child_s_last_error_comes_from_the_counters_its_heartbeats_carry() -> None:
+    table = Table(SupervisorConfig(apps=(), queues=(QueueSpec("emails", 1),)))
+    [slot] = table.slots_to_fill(0.0)
+    record = table.spawned(slot, 4242, 0.0, None)
+
+    def beat(at: float, counters: Counters) -> None:
+        wire = {"counts": counters.queue_wire(), "tasks": dict(counters.task_wire())}
+        table.beat(record.pid, Beat(record.pid, "idle", **wire), at)  # type: ignore[arg-type]
+
+    beat(1.0, Counters(tasks={"app.ok": TaskStats(succeeded=3)}))
+    assert table.snapshot(1.0, 1, MasterState.RUNNING, 1.0).children[0].last_error is None
+    beat(2.0, Counters(tasks={"app.ok": TaskStats(succeeded=3), "app.bad": TaskStats(failed=1)}))
+    beat(3.0, Counters(tasks={"app.ok": TaskStats(succeeded=4), "app.bad": TaskStats(failed=1)}))
+    child = table.snapshot(5.0, 1, MasterState.RUNNING, 5.0).children[0]
+    assert (child.last_error, child.last_error_age) == ("failed: app.bad", 3.0)
+    beat(6.0, Counters(receive_errors=2, tasks={"app.bad": TaskStats(failed=1)}))
+    snap = table.snapshot(6.0, os.getpid(), MasterState.RUNNING, 6.0)
+    assert snap.children[0].last_error == "receive_errors"
+    document = status.document(snap, heartbeat_timeout=30.0, now=NOW)
+    row = status.render_table(status.live_view(document, now=NOW)).splitlines()[-1]
+    assert row.endswith("receive_errors (0.0s ago)")
