@@ -18,21 +18,9 @@ from ebsqs.brokers.base import (
 )
 from ebsqs.brokers.memory import MemoryBroker
 from ebsqs.errors import BrokerError, ConfigurationError, MessageTooLargeError
+from tests.clock import FakeClock
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

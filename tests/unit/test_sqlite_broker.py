@@ -32,24 +32,12 @@ from ebsqs.errors import (
     MessageTooLargeError,
     QueueDoesNotExist,
 )
+from tests.clock import FakeClock
 from tests.fixtures import boot_damage
 
 pytestmark = pytest.mark.timeout(30)
 
 FORK = multiprocessing.get_context("fork")
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
