@@ -44,8 +44,8 @@ from ebsqs.executors.base import Executor
 from ebsqs.executors.execution import Job, Outcome
 from ebsqs.log import get_logger
 from ebsqs.middleware import Action, Decision
-from ebsqs.payload import Payloads, PayloadUnavailable
-from ebsqs.producer import ensure_queue
+from ebsqs.payload import PayloadUnavailable
+from ebsqs.producer import ensure_queue, payloads
 from ebsqs.registry import TaskRegistry, registry
 from ebsqs.worker.held import Held, HeldMessages, WorkerState, WorkerStatus
 from ebsqs.worker.keeper import Keeper
@@ -140,7 +140,9 @@ class Worker:
         self._queues = cycle(options.queues)
         self._runs_here = executor.capabilities.runs_in_loop_thread
         self._pulse = Pulse()
-        self._payloads = Payloads(settings)
+        # The producer's, shared: one S3 client per process for unpacking and for the retries
+        # and hops this worker sends.
+        self._payloads = payloads(settings)
         self._settler = Settler(
             broker,
             settings,

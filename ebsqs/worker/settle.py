@@ -32,6 +32,7 @@ from ebsqs.executors.execution import Outcome, OutcomeKind
 from ebsqs.log import get_logger
 from ebsqs.payload import ObjectRef, Payloads
 from ebsqs.producer import outgoing, send_messages
+from ebsqs.producer import payloads as producer_payloads
 
 if TYPE_CHECKING:
     from ebsqs.worker.held import Held
@@ -94,7 +95,7 @@ class Settler:
         self._acks: list[ReceivedMessage] = []
         self._oldest_ack = 0.0
         self._ack_lock = threading.Lock()
-        self.payloads = payloads or Payloads(settings)
+        self.payloads = payloads or producer_payloads(settings)
         #: The S3 object of each held offloaded message, by message id (set by the loop). Its
         #: object goes when the message is deleted; a dead letter (which points to it) or a
         #: released message keeps it.
@@ -172,20 +173,24 @@ class Settler:
         if receives < self.settings.max_receive_count:
             return False
         assert held.envelope is not None
-        self.counters.task(held.envelope.task).failed += 1
+        reason = f"{what} on each of its {receives} deliveries"
+        return self._failed(held, held.envelope, outcome, reason, "task_failed")
+
+    def _failed(
+        self, held: Held, envelope: Envelope, outcome: Outcome, reason: str, event: str
+    ) -> bool:
+        """A task failed for good: count it, log it once (the line Sentry reports), and
+        dead-letter its message; True once the copy is sent."""
+        self.counters.task(envelope.task).failed += 1
         log.error(
-            "task_failed",
-            reason=f"{what} on each of its {receives} deliveries",
+            event,
+            reason=reason,
             error_type=outcome.error_type,
             error=outcome.error,
             traceback=outcome.traceback,
-            **self._fields(held, held.envelope, outcome),
+            **self._fields(held, envelope, outcome),
         )
-        return self.dead_letter(
-            held.message,
-            f"{what} on each of its {receives} deliveries",
-            _failure_details(held.envelope, outcome),
-        )
+        return self.dead_letter(held.message, reason, _failure_details(envelope, outcome))
 
     def _decide(self, held: Held, outcome: Outcome) -> bool:
         """Act on one outcome; True when the original message may now be deleted."""
@@ -198,23 +203,14 @@ class Settler:
             if self.log_successes:
                 log.info("task_succeeded", **self._fields(held, envelope, outcome))
             return True
-        fields = self._fields(held, envelope, outcome)
         timed_out = outcome.kind is OutcomeKind.TIMED_OUT
         stats.timed_out += timed_out
         wants_retry = timed_out or outcome.retryable or outcome.kind is OutcomeKind.RETRY
         if wants_retry and envelope.retries_left > 0 and not self._last_receive(held):
-            return self._retry(held, envelope, outcome, fields)
-        stats.failed += 1
+            return self._retry(held, envelope, outcome, self._fields(held, envelope, outcome))
         reason = "retries exhausted" if wants_retry else "failed"
-        log.error(
-            "task_timed_out" if timed_out else "task_failed",
-            reason=reason,
-            error_type=outcome.error_type,
-            error=outcome.error,
-            traceback=outcome.traceback,
-            **fields,
-        )
-        return self.dead_letter(held.message, reason, _failure_details(envelope, outcome))
+        event = "task_timed_out" if timed_out else "task_failed"
+        return self._failed(held, envelope, outcome, reason, event)
 
     def _fields(self, held: Held, envelope: Envelope, outcome: Outcome) -> dict[str, object]:
         return _log_fields(held, envelope, outcome, self.settings.log_arguments)
