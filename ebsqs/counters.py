@@ -96,6 +96,7 @@ class TaskStats:
         crashed: attempts whose process died while running them (the message is redelivered).
         redelivered: attempts whose environment failed (a dropped database connection): the
             message is redelivered without using an attempt, as after a crash.
+        skipped: duplicate deliveries of a unique task that already completed, acked unrun.
         buckets: how many attempts ran within each :data:`DURATION_BUCKETS` bound (not
             cumulative: ``buckets[i]`` counts durations in ``(bound[i-1], bound[i]]``); the
             last entry counts longer ones.
@@ -112,6 +113,8 @@ class TaskStats:
     redelivered: int = counter(
         "Attempts whose environment failed (a dropped database connection): redelivered."
     )
+    # New counters go last: the wire format is positional (see from_wire).
+    skipped: int = counter("Duplicate deliveries of completed tasks, acked without running.")
     buckets: list[int] = field(default_factory=_zero_buckets)
     duration_sum: float = 0.0
 

@@ -32,7 +32,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from ebsqs.executors.base import Capabilities, take_outcomes
+from ebsqs.executors.base import WAKE, Capabilities, take_outcomes
 from ebsqs.executors.execution import Job, Outcome, OutcomeKind, failure, run_job, run_job_async
 from ebsqs.log import get_logger
 from ebsqs.registry import TaskRegistry, registry
@@ -65,7 +65,7 @@ class AsyncioExecutor:
         self._thread: threading.Thread | None = None
         self._lock = threading.Condition()
         self._running: dict[str, _Running] = {}  # guarded by _lock
-        self._outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
 
     def start(self) -> None:
         """Start the event loop's thread (in the worker's process, after any fork)."""
@@ -107,6 +107,10 @@ class AsyncioExecutor:
     def collect(self, timeout: float) -> list[Outcome]:
         """Finished outcomes, waiting up to ``timeout`` seconds for the first one."""
         return take_outcomes(self._outcomes, timeout)
+
+    def wake(self) -> None:
+        """End a ``collect`` that waits."""
+        self._outcomes.put(WAKE)
 
     def stop_overdue(self, now: float) -> list[Outcome]:
         """Cancel coroutines past their hard limit; their TIMED_OUT outcomes come via collect."""

@@ -43,6 +43,11 @@ class Executor(Protocol):
 
     Constructed as ``Executor(concurrency=N, registry=registry)`` before the fork; ``start()``
     runs after it, in the process that runs the worker loop.
+
+    An executor may also have ``wake()``: callable from any thread, it makes a ``collect`` that
+    waits (now or next) return at once. The worker's receivers call it when messages come, so
+    the loop starts them without waiting for a running job to finish; without it they wait for
+    ``collect`` to time out (at most a second). Every built-in executor has it.
     """
 
     #: How many jobs may run at once.
@@ -86,19 +91,28 @@ class Executor(Protocol):
         ...
 
 
-def take_outcomes(outcomes: queue.SimpleQueue[Outcome], timeout: float) -> list[Outcome]:
-    """Every outcome waiting in ``outcomes``, waiting up to ``timeout`` s for the first one.
+#: Put in an outcome queue by ``wake()``: ends a wait in :func:`take_outcomes`, is no outcome.
+WAKE = None
+
+
+def take_outcomes(outcomes: queue.SimpleQueue[Outcome | None], timeout: float) -> list[Outcome]:
+    """Every outcome waiting in ``outcomes``, waiting up to ``timeout`` s for the first one
+    (or for a :data:`WAKE`).
 
     The ``collect`` of executors whose jobs finish on other threads.
     """
     done: list[Outcome] = []
     if timeout > 0:
         try:
-            done.append(outcomes.get(timeout=timeout))
+            first = outcomes.get(timeout=timeout)
         except queue.Empty:
             return done
+        if first is not WAKE:
+            done.append(first)
     while True:
         try:
-            done.append(outcomes.get_nowait())
+            item = outcomes.get_nowait()
         except queue.Empty:
             return done
+        if item is not WAKE:
+            done.append(item)

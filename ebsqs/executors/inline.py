@@ -46,6 +46,9 @@ class InlineExecutor:
     def running(self) -> int:
         return 0
 
+    def wake(self) -> None:
+        """Nothing waits: ``collect`` never blocks."""
+
     def stop_overdue(self, now: float) -> list[Outcome]:
         return []
 

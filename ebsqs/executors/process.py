@@ -144,6 +144,7 @@ class ProcessExecutor:
         self._registry = registry
         self._slots: list[_Slot] = []
         self._done: list[Outcome] = []
+        self._wake_r = self._wake_w = -1  # a pipe that wake() writes to, from start()
 
     # -- the worker's side: everything below runs in the worker loop's thread -------------
 
@@ -151,6 +152,7 @@ class ProcessExecutor:
         """Fork the pool (in the worker's process, before its keeper thread starts)."""
         for number in range(self.concurrency):
             self._slots.append(_Slot(number, self._spawn()))
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         log.info(
             "process_pool_started",
             processes=self.concurrency,
@@ -192,12 +194,20 @@ class ProcessExecutor:
             now = time.monotonic()
             deadlines = [slot.deadline - now for slot in busy if slot.deadline is not None]
             wait_for = 0.0 if self._done else max(min([timeout, *deadlines]), 0)
-            ready = set(wait(_waitables(busy), timeout=wait_for))
+            ready = set(wait([*_waitables(busy), self._wake_r], timeout=wait_for))
+            if self._wake_r in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
             for slot in busy:
                 if slot.process.conn in ready or slot.process.sentinel in ready:
                     self._reap(slot)
         done, self._done = self._done, []
         return done
+
+    def wake(self) -> None:
+        """End a ``collect`` that waits (a byte on the wake pipe)."""
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"w")
 
     def stop_overdue(self, now: float) -> list[Outcome]:
         """Kill the process tree of every job past its hard limit; TIMED_OUT outcomes."""

@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from ebsqs.executors.base import Capabilities, take_outcomes
+from ebsqs.executors.base import WAKE, Capabilities, take_outcomes
 from ebsqs.executors.execution import Job, Outcome, OutcomeKind, failure, run_job
 from ebsqs.log import get_logger
 from ebsqs.registry import TaskRegistry, registry
@@ -53,7 +53,7 @@ class ThreadExecutor:
         # submit(); None tells one thread to exit.
         self._jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         # Pool threads -> loop thread.
-        self._outcomes: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
+        self._outcomes: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
         self._lock = threading.Condition()
         self._running: dict[str, _Started] = {}  # guarded by _lock
         self._threads: list[threading.Thread] = []
@@ -93,6 +93,10 @@ class ThreadExecutor:
     def collect(self, timeout: float) -> list[Outcome]:
         """Finished outcomes, waiting up to ``timeout`` seconds for the first one."""
         return take_outcomes(self._outcomes, timeout)
+
+    def wake(self) -> None:
+        """End a ``collect`` that waits."""
+        self._outcomes.put(WAKE)
 
     def stop_overdue(self, now: float) -> list[Outcome]:
         """Threads cannot be stopped: the supervisor replaces the process past a deadline."""

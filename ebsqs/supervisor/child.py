@@ -37,6 +37,8 @@ from ebsqs.supervisor.heartbeat import Beat, BeatWriter
 from ebsqs.supervisor.process import set_parent_death_signal, set_title
 from ebsqs.supervisor.reload import reimport_app
 from ebsqs.worker import FastStop, Worker, WorkerOptions, WorkerState, WorkerStatus
+from ebsqs.worker.idle import PollToken
+from ebsqs.worker.suspects import SuspectFile
 
 logger = get_logger(__name__)
 
@@ -170,6 +172,7 @@ class Child:
 
     def _build_worker(self, broker: Broker) -> Worker:
         settings = self.config.settings
+        token_dir = self.config.poll_token_dir
         return Worker(
             broker,
             settings,
@@ -181,6 +184,9 @@ class Child:
                 max_tasks=self.spec.max_tasks,
                 heartbeat=self.heartbeat,
                 ack_wait=settings.ack_wait,
+                # Built here, after the fork: each child opens its own lock files.
+                poll_token=PollToken(token_dir) if token_dir is not None else None,
+                suspects=SuspectFile(token_dir) if token_dir is not None else (),
             ),
         )
 

@@ -101,6 +101,8 @@ class SupervisorConfig:
         fast_stop_timeout: seconds children get to release their messages on a fast stop.
         boot_crash_limit: children in a row that crash before consuming, in every slot of a
             queue, after which the master stops with ``ExitCode.BOOT`` instead of restarting.
+        poll_token_dir: where the children keep their poll tokens (see :mod:`ebsqs.worker.idle`),
+            so only one idle child per queue long-polls; None lets every child poll.
     """
 
     apps: tuple[str, ...]
@@ -122,6 +124,7 @@ class SupervisorConfig:
     stable_after: float = 30.0
     fast_stop_timeout: float = 5.0
     boot_crash_limit: int = 5
+    poll_token_dir: str | None = None
 
     @property
     def max_memory_bytes(self) -> int | None:

@@ -59,6 +59,8 @@ class Beat:
             ``sent_at``; None while it blocks on purpose (a long poll, a task it runs itself, a
             drain). A beat comes from a thread of its own, so this is how the master tells a
             frozen loop from a busy one.
+        error: the text of what last went wrong in the child (a task's error type and first
+            line, a rejection, a failed receive), at most 200 characters; None until then.
     """
 
     pid: int
@@ -74,6 +76,7 @@ class Beat:
     counts: list[int] | None = None
     tasks: dict[str, list[Any]] | None = None
     loop_age: float | None = None
+    error: str | None = None
 
     @classmethod
     def from_status(cls, pid: int, status: WorkerStatus, rss: int, part: int | None = None) -> Beat:
@@ -123,6 +126,7 @@ class Beat:
             sent_at=time.time(),
             counts=status.counters.queue_wire(),
             loop_age=None if status.loop_age is None else round(status.loop_age, 3),
+            error=status.last_error[:_MAX_TEXT] if status.last_error else None,
         )
 
     def counters(self) -> Counters:

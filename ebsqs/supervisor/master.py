@@ -44,6 +44,8 @@ from ebsqs.supervisor.process import ExitStatus, set_title, signal_name
 from ebsqs.supervisor.reload import import_app
 from ebsqs.supervisor.snapshot import KillReason, MasterState, Phase, SupervisorSnapshot
 from ebsqs.supervisor.table import ChildRecord, Slot, Table, Verdict
+from ebsqs.worker.idle import remove_directory
+from ebsqs.worker.suspects import SuspectFile
 
 log = get_logger(__name__)
 
@@ -348,6 +350,10 @@ class Master:
         stopped child can act on it; SIGKILL follows after the murder grace."""
         self.table.condemn(child, self.clock(), why, reason)
         self._log_child("child_killed", child, log.critical, signal="SIGABRT")
+        task = child.beat.current_task() if child.beat is not None else None
+        suspects = self.config.poll_token_dir
+        if why is not KillReason.OVERDUE and task and task.task_id and suspects is not None:
+            SuspectFile(suspects).add(task.task_id)  # it went silent running this (see there)
         self._signal(child, signal.SIGABRT)
         self._signal(child, signal.SIGCONT)
 
@@ -482,8 +488,8 @@ class Master:
             self._signal(child, signal.SIGQUIT)
 
     def halt(self) -> None:
-        """Last: kill any child left (only after an error in the loop), release descriptors and
-        the pidfile, and say how it ended."""
+        """Last: kill any child left (only after an error in the loop), release descriptors,
+        the pidfile and the poll tokens' directory, and say how it ended."""
         for child in list(self.table.children.values()):
             self._signal(child, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
@@ -497,6 +503,8 @@ class Master:
         self._wake_r = self._wake_w = -1
         self._selector.close()
         self._remove_pidfile()
+        if self.config.poll_token_dir is not None:  # every child is gone: nobody holds a token
+            remove_directory(self.config.poll_token_dir)
         snapshot = self.snapshot()
         if self.state in _STOPPED:
             log.info(

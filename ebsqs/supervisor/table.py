@@ -226,7 +226,9 @@ class Table:
             counts = child.counts.updated(beat.counters())
             error = new_error(child.counts, counts)
             if error is not None:
-                child.last_error, child.last_error_at = error, now
+                # The counters say what kind and which task; the beat, the error's own text.
+                text = f"{error} ({beat.error})" if beat.error else error
+                child.last_error, child.last_error_at = text, now
             child.counts = counts
         child.beat = beat
         child.last_beat = now

@@ -60,6 +60,8 @@ class WorkerStatus:
     at: float  # time.monotonic(), like the running tasks' times
     loop_age: float | None = None  # seconds since the loop progressed; None while it blocks
     brief: bool = False  # only the state and running tasks are news: per-task stats may wait
+    #: What last went wrong, as text (``"ValueError: bad address"``): never task arguments.
+    last_error: str | None = None
 
 
 @dataclass

@@ -7,6 +7,7 @@ deleted, so a crash between the two repeats work instead of losing it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from ebsqs.log import get_logger
 from ebsqs.payload import ObjectRef, Payloads
 from ebsqs.producer import outgoing, send_messages
 from ebsqs.producer import payloads as producer_payloads
+from ebsqs.worker.sender import Sender
 
 if TYPE_CHECKING:
     from ebsqs.worker.held import Held
@@ -55,6 +57,8 @@ REASON, ERROR_TYPE, ERROR, ATTEMPTS, SOURCE, TASK, TRACEBACK = (
 #: Characters of each dead-letter attribute kept (the traceback's last ones, where it failed).
 ATTRIBUTE_CHARS = 1000
 TRACEBACK_CHARS = 4000
+#: Characters of the last error a worker reports in its heartbeats.
+ERROR_NOTE_CHARS = 200
 
 
 class Settler:
@@ -93,6 +97,11 @@ class Settler:
         # of quick tasks still costs one delete request.
         self.ack_wait = ack_wait
         self._acks: list[ReceivedMessage] = []
+        # The deletes go out from threads of their own (see :mod:`.sender`).
+        self._sender = Sender()
+        #: Send deletes from the thread that flushes them, not the sender's (set by the loop
+        #: for a broker whose round trip is shorter than a thread hand-off is worth).
+        self.deletes_here = False
         self._oldest_ack = 0.0
         self._ack_lock = threading.Lock()
         self.payloads = payloads or producer_payloads(settings)
@@ -100,6 +109,9 @@ class Settler:
         #: object goes when the message is deleted; a dead letter (which points to it) or a
         #: released message keeps it.
         self.stored: dict[str, ObjectRef] = {}
+        #: What last went wrong (a task's error type and text, a rejection, a failed receive),
+        #: for heartbeats and ``ebsqs status``; the full story is in the log lines.
+        self.last_error: str | None = None
         #: Log a line per success. Set from the configured level when the worker starts: at
         #: warning level, building the line's fields is most of the cost of a no-op task.
         self.log_successes = True
@@ -136,6 +148,7 @@ class Settler:
         """The task's process died: redeliver the message, as after any crash."""
         assert held.envelope is not None
         self.counters.task(held.envelope.task).crashed += 1
+        self._note(outcome.error_type or "crashed", outcome.error)
         log.error(
             "task_crashed",
             error=outcome.error,
@@ -182,6 +195,7 @@ class Settler:
         """A task failed for good: count it, log it once (the line Sentry reports), and
         dead-letter its message; True once the copy is sent."""
         self.counters.task(envelope.task).failed += 1
+        self._note(outcome.error_type or outcome.kind.value, outcome.error)
         log.error(
             event,
             reason=reason,
@@ -212,6 +226,12 @@ class Settler:
         event = "task_timed_out" if timed_out else "task_failed"
         return self._failed(held, envelope, outcome, reason, event)
 
+    def _note(self, kind: str, error: str | None) -> None:
+        """Remember what went wrong last (the first line of the error, shortened)."""
+        kind = kind.removeprefix("builtins.")
+        text = error.strip().splitlines()[0] if error and error.strip() else ""
+        self.last_error = f"{kind}: {text}"[:ERROR_NOTE_CHARS] if text else kind
+
     def _fields(self, held: Held, envelope: Envelope, outcome: Outcome) -> dict[str, object]:
         return _log_fields(held, envelope, outcome, self.settings.log_arguments)
 
@@ -232,6 +252,7 @@ class Settler:
             # after the delay (the attempt is then counted from its receive count).
             seconds = self.hold_invisible(held, delay, "retry")
             self.counters.task(envelope.task).retried += 1
+            self._note(outcome.error_type or outcome.kind.value, outcome.error)
             log.warning(
                 "task_retried",
                 retry_in=seconds,
@@ -246,6 +267,7 @@ class Settler:
             log.error("retry_send_failed", error=str(exc), **fields)
             return False  # keep the message: it comes back after its visibility timeout
         self.counters.task(envelope.task).retried += 1
+        self._note(outcome.error_type or outcome.kind.value, outcome.error)
         log.warning(
             "task_retried",
             retry_in=round(delay, 3),
@@ -263,13 +285,18 @@ class Settler:
         return seconds
 
     def hop(self, held: Held, envelope: Envelope) -> None:
-        """Send a not-yet-due message on with the rest of its delay, then delete the original.
+        """Keep a not-yet-due message waiting until it is due, at the fewest requests.
 
-        On a FIFO queue, which takes no per-message delay, the message is kept invisible until
-        it is due instead: it keeps its place (and holds its group) as long.
+        It is *parked*, kept invisible up to SQS's 12 hours a receive (one visibility change, where
+        a hop of SQS's longest delay, 15 minutes, costs a send, a receive and a delete). Each
+        park uses one of the message's receives, which the queue's redrive policy counts; so on a
+        standard queue a message is parked only while at least half of ``max_receive_count`` is
+        left, and is otherwise sent on anew (its count starts again) with the rest of its delay.
+        A FIFO queue takes no per-message delay, so there the message is always parked: it keeps
+        its place (and holds its group) as long.
         """
         assert envelope.due is not None
-        if held.fifo:
+        if held.fifo or self._may_park(held):
             seconds = self.hold_invisible(held, envelope.due - time.time(), "not yet due")
             log.debug("task_parked", task_id=envelope.id, due=envelope.due, seconds=seconds)
             return
@@ -280,6 +307,12 @@ class Settler:
             return
         log.debug("task_delay_hopped", task_id=envelope.id, due=envelope.due)
         self.ack([held.message])
+
+    def _may_park(self, held: Held) -> bool:
+        """Whether parking leaves the message at least half its receives (standard queues)."""
+        if not self.settings.park_delays:
+            return False
+        return held.message.receive_count < max(self.settings.max_receive_count // 2, 1)
 
     def _send(self, held: Held, envelope: Envelope, due: float) -> None:
         """Send ``envelope`` back to the standard queue ``held`` came from (retries, delay
@@ -310,6 +343,7 @@ class Settler:
             error_type=type(exc).__name__,
             reason=str(exc),
         )
+        self._note(f"rejected {type(exc).__name__}", str(exc))
         details = {ERROR_TYPE: type(exc).__name__, ERROR: str(exc)}
         if held.envelope is not None:
             details[TASK] = held.envelope.task
@@ -318,19 +352,51 @@ class Settler:
 
     def defer(self, held: Held, delay: float, reason: str) -> None:
         """Put a message back for ``delay`` seconds because a middleware said not yet: no
-        failure is counted and its envelope is unchanged (its attempt is not used up)."""
+        failure is counted and its envelope is unchanged (its attempt is not used up).
+
+        Each release uses one of the message's receives, which the queue's redrive policy
+        counts; so a message deferred again and again (a full concurrency limit) is, once half
+        of ``max_receive_count`` is used, sent anew instead: the same envelope (task id,
+        attempt) in a new message whose count starts again, and the old one deleted. Sent
+        before the delete, as a retry: a crash between the two repeats, never loses. A FIFO
+        message keeps its place (and its group's order) and is always released.
+        """
         seconds = _visibility_seconds(delay)
-        assert held.envelope is not None
-        self.counters.task(held.envelope.task).deferred += 1
+        envelope = held.envelope
+        assert envelope is not None
+        self.counters.task(envelope.task).deferred += 1
         log.info(
             "task_deferred",
-            task=held.envelope.task,
-            task_id=held.envelope.id,
+            task=envelope.task,
+            task_id=envelope.id,
             message_id=held.key,
             delay=seconds,
             reason=reason,
         )
-        self.release([held.message], reason, timeout=seconds)
+        if held.fifo or held.message.receive_count < max(self.settings.max_receive_count // 2, 1):
+            self.release([held.message], reason, timeout=seconds)
+            return
+        try:
+            self._send(held, envelope, time.time() + seconds)
+        except EbsqsError as exc:
+            log.error("defer_send_failed", task_id=envelope.id, error=str(exc))
+            self.release([held.message], reason, timeout=seconds)
+            return
+        log.debug("task_deferred_anew", task_id=envelope.id, receives=held.message.receive_count)
+        self.ack([held.message])
+
+    def skip(self, held: Held, reason: str) -> None:
+        """Delete a message a middleware found already done (a duplicate delivery), unrun."""
+        assert held.envelope is not None
+        self.counters.task(held.envelope.task).skipped += 1
+        log.info(
+            "task_skipped",
+            task=held.envelope.task,
+            task_id=held.envelope.id,
+            message_id=held.key,
+            reason=reason,
+        )
+        self.ack([held.message])
 
     def dead_letter(
         self, message: ReceivedMessage, reason: str, details: Mapping[str, str]
@@ -391,31 +457,50 @@ class Settler:
             return max(self._oldest_ack + self.ack_wait - time.monotonic(), 0.0)
 
     def flush_acks_of(self, group: tuple[str, str]) -> None:
-        """Delete every queued message now if one of them is of this FIFO group (queue, group)."""
+        """Delete every queued message if one of them is of this FIFO group (queue, group),
+        and wait until the deletes under way are done: the group's next message may start."""
         queue, group_id = group
         with self._ack_lock:
             waiting = any(m.group_id == group_id and m.queue == queue for m in self._acks)
         if waiting:
             self.flush_acks()
+        self.wait_acks()
 
     def flush_acks(self, older_than: float = 0.0) -> None:
-        """Delete every queued message now (or only if the oldest waited ``older_than`` s)."""
+        """Send every queued delete now (or only if the oldest waited ``older_than`` s), from
+        the sender's threads: this returns before they are done (see :meth:`wait_acks`).
+        With :attr:`deletes_here`, from this thread, done when this returns."""
         with self._ack_lock:
             if not self._acks or time.monotonic() - self._oldest_ack < older_than:
                 return
             messages, self._acks = self._acks, []
         for start in range(0, len(messages), MAX_BATCH):
             batch = messages[start : start + MAX_BATCH]
-            try:
-                with self.io():
-                    failed = self.broker.ack(batch)
-            except EbsqsError as exc:
-                failed = {m.message_id: str(exc) for m in batch}
-            self.counters.ack_errors += len(failed)
-            for message_id, why in failed.items():
-                log.warning("ack_failed", message_id=message_id, reason=why)
-            if self.stored:
-                self._discard_payloads(batch, failed)
+            with self.io():  # waits only while the sender is MAX_PENDING batches behind
+                self._sender.submit(functools.partial(self._delete, batch), self.deletes_here)
+
+    def wait_acks(self, timeout: float | None = None) -> bool:
+        """Wait until every delete sent so far is done; False if ``timeout`` passed first."""
+        with self.io():
+            return self._sender.join(timeout)
+
+    def finish_acks(self, timeout: float | None = None) -> None:
+        """Send every queued delete, wait for them all, and end the sender's threads."""
+        self.flush_acks()
+        self.wait_acks(timeout)
+        self._sender.close()
+
+    def _delete(self, batch: Sequence[ReceivedMessage]) -> None:
+        """Delete one batch (on a sender thread), then the S3 objects of offloaded ones."""
+        try:
+            failed = self.broker.ack(batch)
+        except EbsqsError as exc:
+            failed = {m.message_id: str(exc) for m in batch}
+        self.counters.ack_errors += len(failed)
+        for message_id, why in failed.items():
+            log.warning("ack_failed", message_id=message_id, reason=why)
+        if self.stored:
+            self._discard_payloads(batch, failed)
 
     def _discard_payloads(
         self, deleted: Sequence[ReceivedMessage], failed: Mapping[str, str]
@@ -426,8 +511,7 @@ class Settler:
                 continue
             ref = self.stored.pop(message.message_id, None)
             if ref is not None:
-                with self.io():
-                    self.payloads.discard(ref)
+                self.payloads.discard(ref)
 
     def release(self, messages: Sequence[ReceivedMessage], reason: str, timeout: int = 0) -> None:
         """Make messages visible again after ``timeout`` seconds (0: at once)."""

@@ -38,6 +38,7 @@ NOOP = ledger_tasks.noop
 SLEEP = ledger_tasks.sleep
 POISON = ledger_tasks.poison
 HOG = ledger_tasks.hog
+HOG_FOREVER = ledger_tasks.hog_forever
 LEAK = ledger_tasks.leak
 LIMITED = ledger_tasks.limited
 #: Messages a worker may hold beyond what runs (one receive batch), and the most finished

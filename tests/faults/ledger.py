@@ -38,11 +38,18 @@ class Ledger:
         self.path = path
 
     def entries(self, event: str | None = None) -> list[Entry]:
-        """Every whole line, in file order (only ``event`` lines if given)."""
+        """Every whole line, in file order (only ``event`` lines if given).
+
+        A line still being written (no newline yet) is not read: Linux lets a ``read`` see part
+        of a concurrent ``write``, even an ``O_APPEND`` one.
+        """
         if not self.path.exists():
             return []
+        text = self.path.read_text()
+        # A reader can see a write in progress: the last line counts once its newline is there.
+        whole = text[: text.rfind("\n") + 1]
         found = []
-        for line in self.path.read_text().splitlines():
+        for line in whole.splitlines():
             parts = line.split(" ")
             if len(parts) != 5:
                 raise AssertionError(f"torn or foreign ledger line in {self.path}: {line!r}")

@@ -17,6 +17,7 @@ from tests.faults.harness import (
     APP,
     BATCH,
     HOG,
+    HOG_FOREVER,
     LEAK,
     LIMITED,
     POISON,
@@ -224,6 +225,32 @@ def test_a_task_holding_the_gil_is_stopped_soon_and_nothing_behind_it_is_lost(ri
     rig.wait_settled(20)
     assert not rig.dead_letters.keys(), "a message was dead-lettered without running"
     assert rig.ledger.finished()["hog"] == 1 and not rig.lost()
+
+
+@pytest.mark.timeout(90)
+def test_what_waits_behind_a_gil_hog_without_a_time_limit_runs_once_it_came_back(
+    rig: Rig,
+) -> None:
+    """Issue item 10.1: a task with no time limit that holds the GIL at every run is killed
+    only at the heartbeat timeout, and nothing in its process can extend what it holds. Once it
+    hung a process of this host while named (it came back), it runs last and alone: the
+    messages fetched with it run (none lapses into the dead-letter queue unrun), and only the
+    hog ends there."""
+    rig.create(visibility=3, max_receive_count=5)
+    sup = rig.start(
+        "supervise", "--workers", "1", "--visibility-timeout", "3", "--heartbeat-timeout", "3"
+    )
+    wait_until(lambda: len(sup.children()) == 1, 15, message=rig.describe)
+    rig.send(["hog"], task=HOG_FOREVER)
+    rig.send(keys("b", 9))
+    wait_until(lambda: rig.ledger.started()["hog"] >= 1, 15, message=rig.describe)
+
+    neighbours = {key for key in rig.sent if key != "hog"}
+    wait_until(lambda: set(rig.ledger.finished()) >= neighbours, 45, message=rig.describe)
+    letters = wait_until(lambda: rig.dead_letters.keys(), 30, message=rig.describe)
+    assert letters == {"hog"}, f"dead-lettered unrun: {letters - {'hog'}}; {rig.describe()}"
+    assert rig.ledger.finished() == {key: 1 for key in neighbours}
+    assert sup.events("child_killed"), rig.describe()
 
 
 @pytest.mark.timeout(60)

@@ -15,11 +15,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from ebsqs import producer, task
+from ebsqs import middleware, producer, task
 from ebsqs.brokers import QueueSettings
 from ebsqs.brokers.sqs import SQSBroker
 from ebsqs.config import Settings
 from ebsqs.context import current
+from ebsqs.executors.execution import Job
+from ebsqs.executors.inline import InlineExecutor
 from ebsqs.executors.thread import ThreadExecutor
 from ebsqs.registry import TaskRegistry
 from ebsqs.worker import Worker, WorkerOptions
@@ -91,3 +93,58 @@ def test_one_group_runs_in_order_one_at_a_time_on_a_thread_pool(
     for before, after in itertools.pairwise(in_g):
         assert after[2] >= before[3], f"{after[0]} started before {before[0]} finished"
     assert sorted(key for key, *_ in runs if key.startswith("o")) == other
+
+
+def test_a_deferred_head_keeps_the_rest_of_its_group_from_starting_in_the_same_pass(
+    fifo_queue: tuple[SQSBroker, str],
+) -> None:
+    """A middleware defers a group's head: what follows it in hand must go back unrun, not
+    start in the same pass over the messages waiting (the same path as a retry collected
+    between two starts, which failed once in CI on a thread pool)."""
+    broker, queue = fifo_queue
+    reg = TaskRegistry()
+
+    @task(name="step", registry=reg)
+    def step(key: str) -> None:
+        with lock:
+            runs.append((key, current().attempt, 0.0, 0.0))
+
+    class DeferOnce(middleware.Middleware):
+        deferred = False
+
+        def before_start(self, job: Job) -> middleware.Decision:
+            if job.envelope.args == ("k0",) and not self.deferred:
+                self.deferred = True
+                return middleware.defer(0, "not yet")
+            return middleware.RUN
+
+    saved = list(middleware.MIDDLEWARE)
+    middleware.MIDDLEWARE[:] = [DeferOnce()]
+    settings = Settings(broker_url="sqs://", auto_create_queues=False)
+    keys = [f"k{i}" for i in range(4)]
+    producer.send_now(
+        step,
+        [producer.Call((key,)) for key in keys],
+        producer.SendOptions(queue, group_id="G"),
+        settings=settings,
+    )
+    worker = Worker(
+        broker,
+        settings,
+        InlineExecutor(registry=reg),
+        WorkerOptions(queues=(queue,), wait_seconds=0),
+        registry=reg,
+    )
+    worker.start()
+    try:
+        wait_until(
+            lambda: worker.loop_once() or len(runs) == len(keys),
+            45,
+            interval=0,
+            message=lambda: f"ran {runs}",
+        )
+    finally:
+        worker.stop()
+        worker.drain()
+        middleware.MIDDLEWARE[:] = saved
+    assert [key for key, *_ in runs] == keys

@@ -20,6 +20,9 @@ from ebsqs.executors.execution import Job, Outcome
 from ebsqs.executors.inline import InlineExecutor
 from ebsqs.registry import TaskRegistry
 from ebsqs.worker import Worker, WorkerOptions, WorkerState
+from tests.clock import FakeClock
+from tests.counting import CountingBroker
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -43,8 +46,12 @@ def clear_runs() -> Iterator[None]:
     yield
 
 
-def make_worker(broker: MemoryBroker, reg: TaskRegistry, **options: object) -> Worker:
-    settings = Settings(broker_url="memory://unused", backoff_base=0, auto_create_queues=True)
+def make_worker(
+    broker: MemoryBroker, reg: TaskRegistry, settings: Settings | None = None, **options: object
+) -> Worker:
+    """A started inline worker on queue ``q`` (by default: no backoff, queues auto-created)."""
+    if settings is None:
+        settings = Settings(broker_url="memory://unused", backoff_base=0, auto_create_queues=True)
     worker = Worker(
         broker,
         settings,
@@ -86,9 +93,17 @@ def body(name: str, *args: object, max_retries: int = 0, **kwargs: object) -> st
     return encode(Envelope(task=name, args=args, kwargs=kwargs, max_retries=max_retries))
 
 
+def receive(worker: Worker) -> None:
+    """One receive, taken in by the loop (its messages held and waiting), nothing started."""
+    worker._request_messages()
+    worker._take_receipts(timeout=5)
+
+
 def steps(worker: Worker, n: int = 5) -> None:
+    """``n`` iterations, then every delete they queued is done (deletes go out on threads)."""
     for _ in range(n):
         worker.loop_once()
+    assert worker.flush(timeout=10)
 
 
 def dead_letters(broker: MemoryBroker) -> list[dict[str, str]]:
@@ -174,15 +189,77 @@ def test_bodies_that_must_not_run_are_dead_lettered_unrun(
     assert sum(e["event"] == "message_rejected" for e in logs) == 4
 
 
-def test_long_delays_hop_without_running(broker: MemoryBroker, reg: TaskRegistry) -> None:
+def test_a_message_received_early_is_parked_for_up_to_twelve_hours(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
     task(name="later", registry=reg)(lambda: runs.append(("later", None)))
     due = time.time() + 86400
     put(broker, encode(Envelope(task="later", due=due)))
     steps(make_worker(broker, reg), 2)
     assert runs == []
     [stored] = broker._queues["q"].messages.values()
+    assert stored.receive_count == 1  # the same message, kept invisible: no send, no delete
+    assert 43190 < stored.visible_at - time.time() <= 43200
+
+
+def test_a_message_parked_down_to_half_its_receives_is_sent_on_afresh(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    """Each park uses a receive, which the redrive policy counts: past half of
+    max_receive_count (10), the message is sent on anew and its count starts again."""
+    task(name="later", registry=reg)(lambda: runs.append(("later", None)))
+    put(broker, encode(Envelope(task="later", due=time.time() + 86400)))
+    [stored] = broker._queues["q"].messages.values()
+    stored.receive_count = 4  # the next receive is its fifth
+    steps(make_worker(broker, reg), 2)
+    assert runs == []
+    [fresh] = broker._queues["q"].messages.values()
+    assert fresh is not stored and fresh.receive_count == 0
+    assert 890 < fresh.visible_at - time.time() <= 900
+
+
+def test_with_parking_off_long_delays_hop_15_minutes_at_a_time(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    task(name="later", registry=reg)(lambda: runs.append(("later", None)))
+    put(broker, encode(Envelope(task="later", due=time.time() + 86400)))
+    settings = Settings(broker_url="memory://unused", backoff_base=0, park_delays=False)
+    worker = make_worker(broker, reg, settings)
+    steps(worker, 2)
+    assert runs == []
+    [stored] = broker._queues["q"].messages.values()
     assert stored.receive_count == 0  # a fresh message: hops never count as failed receives
     assert 890 < stored.visible_at - time.time() <= 900
+    worker.drain()
+
+
+@pytest.mark.timeout(30)
+def test_a_day_of_delay_costs_at_most_eight_requests_and_never_a_dead_letter(
+    reg: TaskRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sent with SQS's longest delay (15 minutes), then parked twice for up to 12 hours: the
+    day costs 7 requests, the run's own receive and delete included (hops: 288)."""
+    clock = FakeClock(time.time())
+    monkeypatch.setattr(time, "time", clock)  # the due time is wall-clock: move both together
+    broker = CountingBroker(clock)
+    task(name="later", registry=reg)(lambda: runs.append(("later", clock())))
+    due = clock() + 86400
+    broker.ensure_queue("q", QueueSettings(dead_letter_queue="q-dlq"))
+    broker.send("q", OutgoingMessage(encode(Envelope(task="later", due=due)), delay=900))
+    worker = make_worker(broker, reg)
+    while True:
+        steps(worker, 2)
+        if runs:
+            break
+        [stored] = broker._queues["q"].messages.values()
+        clock.now = max(clock.now, stored.visible_at) + 0.01  # on to its next receive
+        assert clock.now < due + 60, "it never ran"
+    worker.drain()
+    [(_, ran_at)] = runs
+    assert due <= ran_at < due + 60
+    assert sum(broker.requests.values()) <= 8, broker.requests
+    assert broker.requests["send"] == 1, broker.requests  # never sent on again
+    assert broker.stats("q-dlq").visible == 0
 
 
 def test_prefetch_holds_at_most_concurrency_plus_one_batch(
@@ -212,7 +289,7 @@ def test_keeper_extends_visibility_of_held_messages(
     task(name="noop", registry=reg)(lambda: None)
     put(broker, body("noop"))
     worker = make_worker(broker, reg, visibility_timeout=30)
-    worker._receive()
+    receive(worker)
     [held] = worker._held.all()
     held.visible_until = time.monotonic() + 1  # about to expire
     worker._keeper.extend_visibility()
@@ -225,7 +302,7 @@ def test_extension_stops_at_the_hard_limit(broker: MemoryBroker, reg: TaskRegist
     task(name="noop", registry=reg)(lambda: None)
     put(broker, body("noop"))
     worker = make_worker(broker, reg, visibility_timeout=30)
-    worker._receive()
+    receive(worker)
     [held] = worker._held.all()
     held.visible_until = time.monotonic()
     held.deadline = time.monotonic() - 10  # the hard limit passed long ago
@@ -270,11 +347,12 @@ def test_the_keeper_flushes_deletes_that_waited_a_second(
     task(name="ok", registry=reg)(lambda: None)
     put(broker, body("ok"))
     worker = make_worker(broker, reg)
-    worker._receive()
+    receive(worker)
     worker._start_pending()  # ran, settled, delete queued but not sent
     assert broker.stats("q").in_flight == 1
     worker._settler._oldest_ack -= 5
     worker._settler.flush_acks(older_than=1.0)
+    assert worker._settler.wait_acks(timeout=5)
     assert broker.stats("q").in_flight == 0
 
 
@@ -285,15 +363,8 @@ def test_default_time_limits_apply_per_queue_to_tasks_that_set_none(
     task(name="own", registry=reg, time_limit=5)(lambda: None)
     put(broker, body("free"), body("own"))
     settings = Settings(broker_url="memory://unused", time_limit="q=60,*=600", soft_time_limit="50")
-    worker = Worker(
-        broker,
-        settings,
-        InlineExecutor(registry=reg),
-        WorkerOptions(queues=("q",), wait_seconds=0),
-        registry=reg,
-    )
-    worker.start()
-    worker._receive()
+    worker = make_worker(broker, reg, settings)
+    receive(worker)
     limits = {
         h.job.envelope.task: (h.job.time_limit, h.job.soft_time_limit)
         for h in worker._pending
@@ -575,21 +646,26 @@ def test_failing_receives_back_off_count_and_report_degraded_until_one_works(
     from ebsqs.worker import loop
 
     waits: list[float] = []
-    monkeypatch.setattr(loop, "RECEIVE_BACKOFF", Backoff(0.01, 0.04))
+
+    class Recorded:
+        def delay(self, failures: int) -> float:
+            waits.append(Backoff(0.01, 0.04).delay(failures))
+            return waits[-1]
+
+    monkeypatch.setattr(loop, "RECEIVE_BACKOFF", Recorded())
     broker = FailingBroker()
     put(broker)
     worker = make_worker(broker, reg)  # type: ignore[arg-type]
-    real_wait = worker._stopping.wait
-    monkeypatch.setattr(worker._stopping, "wait", lambda t: waits.append(t) or real_wait(0))
-    for _ in range(4):
-        worker.loop_once()
-    assert worker.state is WorkerState.DEGRADED
     counters = worker.counters
+    wait_until(lambda: worker.loop_once() or counters.receive_errors >= 4, 10, interval=0)
+    assert worker.state is WorkerState.DEGRADED
     assert (counters.receive_errors, counters.throttled, counters.kms_errors) == (4, 4, 0)
+    # Each failure waited out its backoff before the next receive was asked for.
     assert len(waits) == 4 and all(0 <= w <= 0.04 for w in waits)
     broker.failing = False
+    wait_until(lambda: worker.loop_once() or counters.receives == 1, 10, interval=0)
     worker.loop_once()
-    assert worker.state is WorkerState.IDLE and counters.receives == 1
+    assert worker.state is WorkerState.IDLE and counters.receive_errors == 4
     worker.drain()
 
 
@@ -634,7 +710,7 @@ def test_a_delete_waits_at_most_ack_wait_for_a_full_batch(
     real_ack = broker.ack
     broker.ack = lambda messages: calls.append(len(messages)) or real_ack(messages)  # type: ignore[method-assign]
     settler = worker._settler
-    worker._receive()
+    receive(worker)
     [first, *rest] = list(worker._pending)
     worker._pending.clear()
     worker._pending.append(first)
@@ -643,6 +719,7 @@ def test_a_delete_waits_at_most_ack_wait_for_a_full_batch(
     settler._oldest_ack -= 0.2  # the first task's delete has waited longer than ack_wait
     worker._pending.extend(rest)
     worker._start_pending()  # the next finished task sends both waiting deletes
+    assert settler.wait_acks(timeout=5)
     assert calls[0] == 2
 
 
@@ -678,14 +755,7 @@ def test_the_worker_verifies_with_every_rotated_key_and_refuses_old_signatures(
     settings = Settings(
         broker_url="memory://unused", signing_keys=("new", "old"), signature_max_age=600
     )
-    worker = Worker(
-        broker,
-        settings,
-        InlineExecutor(registry=reg),
-        WorkerOptions(queues=("q",), wait_seconds=0),
-        registry=reg,
-    )
-    worker.start()
+    worker = make_worker(broker, reg, settings)
     steps(worker, 2)
     worker.drain()
     assert runs == [("ok", None)]  # signed with the retired key, still accepted
@@ -725,8 +795,8 @@ def test_backing_off_after_a_failed_receive_is_not_a_stalled_loop(
     monkeypatch.setattr(
         worker._stopping, "wait", lambda t: ages.append(worker.status().loop_age) or False
     )
-    worker.loop_once()
-    assert ages == [None]
+    wait_until(lambda: worker.loop_once() or ages, 10, interval=0)  # the failure comes back
+    assert worker.counters.receive_errors == 1 and ages[0] is None
     worker.drain()
 
 
@@ -803,3 +873,101 @@ def test_an_environment_failure_is_redelivered_without_an_attempt_then_dead_lett
     assert letter["ebsqs-error-type"].endswith("Outage")
     totals = worker.counters.totals()
     assert (totals["redelivered"], totals["failed"], totals["dead_lettered"]) == (3, 1, 1)
+
+
+@pytest.mark.timeout(30)
+def test_held_never_exceeds_what_can_run_plus_one_batch_while_receives_overlap(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    """Receives overlap the tasks (two may be in flight), yet what the worker holds (received,
+    not settled) and what it asked for stay within concurrency + 10."""
+    import threading
+
+    from ebsqs.executors.thread import ThreadExecutor
+
+    class Distant(MemoryBroker):
+        """Each receive takes a round trip of 20 ms, as SQS's do."""
+
+        def receive(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def,override]
+            time.sleep(0.02)
+            return super().receive(*args, **kwargs)  # type: ignore[arg-type]
+
+    broker = Distant()
+    task(name="brief", registry=reg)(lambda: time.sleep(0.002))
+    put(broker, *(body("brief") for _ in range(300)))
+    worker = started_worker(broker, reg, ThreadExecutor(concurrency=4, registry=reg))
+    samples: list[tuple[int, int]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append((len(worker._held), worker._receiver.in_flight))
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        wait_until(
+            lambda: worker.loop_once() or worker.counters.total("succeeded") == 300, 20, interval=0
+        )
+    finally:
+        done.set()
+        sampler.join(5)
+    worker.drain()
+    assert max(held for held, _ in samples) <= 4 + 10, max(samples)
+    assert max(flying for _, flying in samples) == 2, "receives never overlapped"
+    assert broker.stats("q").visible == 0 and broker.stats("q").in_flight == 0
+
+
+def test_the_worker_reports_the_text_of_what_last_went_wrong(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    def bad(address: str) -> None:
+        raise ValueError(f"no such address\n(second line: {address})")
+
+    task(name="bad", registry=reg)(bad)
+    put(broker, body("bad", "a@example.invalid"))
+    worker = make_worker(broker, reg)
+    assert worker.status().last_error is None
+    steps(worker, 2)
+    assert worker.status().last_error == "ValueError: no such address"
+    put(broker, "not an envelope")
+    steps(worker, 2)
+    assert worker.status().last_error.startswith("rejected ")  # type: ignore[union-attr]
+    worker.drain()
+
+
+def test_a_task_that_hung_a_process_runs_last_and_alone_once_it_comes_back(
+    broker: MemoryBroker, reg: TaskRegistry
+) -> None:
+    """Issue item 10.1: a message that came back, whose task hung a process of this host (its
+    id is in the suspects) and cannot be stopped by the inline executor (no time limit), may
+    hold the GIL again: nothing waits behind it while it runs."""
+    task(name="ok", registry=reg)(lambda x: runs.append(("ok", x)))
+
+    def came_back(*keys_and_ids: tuple[str, str]) -> None:
+        put(broker, *(encode(Envelope(task="ok", args=(k,), id=i)) for k, i in keys_and_ids))
+        received = broker.receive("q", 10, 0)
+        broker.change_visibility(received, 0)  # as after a crash: received twice
+
+    # "redelivered" came back too, but never hung a process.
+    came_back(("suspect", "hung-1"), ("redelivered", "other-1"))
+    put(broker, *(body("ok", n) for n in range(3)))
+    worker = make_worker(broker, reg, suspects=frozenset({"hung-1"}))
+    receive(worker)
+    assert [held.message.receive_count for held in worker._pending] == [2, 2, 1, 1, 1]
+    assert not worker._wants_messages(), "a receive was asked for behind a suspect"
+
+    worker._start_pending()
+    assert runs == [("ok", "redelivered"), ("ok", 0), ("ok", 1), ("ok", 2), ("ok", "suspect")]
+
+    runs.clear()
+    limited = make_worker(
+        broker, reg, Settings(broker_url="memory://x", time_limit="60"),
+        suspects=frozenset({"hung-2"}),
+    )  # fmt: skip
+    came_back(("limited", "hung-2"))
+    put(broker, body("ok", "after"))
+    receive(limited)
+    limited._start_pending()  # with a hard limit, the master stops it in time: order kept
+    assert runs == [("ok", "limited"), ("ok", "after")]
