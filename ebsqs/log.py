@@ -20,11 +20,15 @@ counted (:func:`dropped_lines`), and work carries on.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import threading
-from collections.abc import Iterator
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any, Literal, TextIO
 
 import structlog
@@ -44,7 +48,7 @@ def configure(log_format: LogFormat = "auto", level: str = "info", **bound: Any)
     The root logger gets one handler writing to stderr through :class:`Output` (replacing the
     one a previous call added, as in a child after the fork) and the level, so the
     application's own ``logging`` lines come out in the same format as ebsqs's, with the same
-    context. structlog is configured for the stdlib (``ProcessorFormatter``).
+    context. structlog is configured to hand its events to ``logging`` as plain records.
 
     With ``EBSQS_LOG_HANDLERS=keep`` in the environment (set by the Django commands when
     ``LOGGING`` configures the root or ``ebsqs`` logger), ``logging``'s handlers and levels are
@@ -60,7 +64,7 @@ def configure(log_format: LogFormat = "auto", level: str = "info", **bound: Any)
     structlog.contextvars.clear_contextvars()
     structlog.configure(
         processors=_LIBRARY_CHAIN.copy(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        wrapper_class=BoundLogger,
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
@@ -82,28 +86,13 @@ def handler(log_format: LogFormat = "auto", stream: TextIO | None = None) -> Out
     stream = sys.stderr if stream is None else stream
     if log_format == "auto":
         log_format = "console" if _isatty(stream) else "json"
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
+    render: Callable[[str, EventDict], str] = (
+        _render_json
         if log_format == "json"
-        else structlog.dev.ConsoleRenderer(colors=_isatty(stream))
+        else _console_renderer(structlog.dev.ConsoleRenderer(colors=_isatty(stream)))
     )
     out = OutputHandler(Output(stream))
-    out.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[
-                _record_fields,
-                add_task_context,
-                structlog.contextvars.merge_contextvars,
-                structlog.processors.add_log_level,
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-            ],
-            processors=[
-                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                structlog.processors.format_exc_info,
-                renderer,
-            ],
-        )
-    )
+    out.setFormatter(Formatter(render))
     return out
 
 
@@ -114,9 +103,7 @@ def get_logger(name: str) -> Any:
     (``ebsqs.*``), where the application's handlers, ``LOGGING`` or :func:`configure` decide
     what is written. See :class:`_Chain` for the processors.
     """
-    return structlog.wrap_logger(
-        logging.getLogger(name), processors=_CHAIN, wrapper_class=BoundLogger
-    )
+    return BoundLogger(logging.getLogger(name), processors=_CHAIN, context={})
 
 
 def dropped_lines() -> int:
@@ -176,6 +163,14 @@ class OutputHandler(logging.Handler):
         super().__init__()
         self.output = output
 
+    def handle(self, record: logging.LogRecord) -> Any:
+        """Filter and emit, without ``logging``'s handler lock: :class:`Output` has its own,
+        and a line is formatted outside any lock."""
+        passed = self.filter(record)
+        if passed:
+            self.emit(passed if isinstance(passed, logging.LogRecord) else record)
+        return passed
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record)
@@ -200,7 +195,14 @@ def _isatty(stream: TextIO) -> bool:
 
 
 class BoundLogger(structlog.stdlib.BoundLogger):
-    """structlog's stdlib logger, enabled for a level when its processors would pass it on."""
+    """structlog's stdlib logger, with a short way to ``logging`` for ebsqs's own chain.
+
+    When the processors are ebsqs's own (:func:`configure`, or nobody configured structlog), a
+    line below the logger's level costs one level check, and one above it goes straight to a
+    ``logging`` record, as the chain would make it, without running the chain: a worker writes
+    a line per task. Any other chain (``capture_logs()``, an application's own structlog
+    setup) and positional arguments take structlog's usual way.
+    """
 
     def is_enabled_for(self, level: int) -> bool:
         """Whether a line at ``level`` would reach a handler (or a test's capture).
@@ -211,6 +213,60 @@ class BoundLogger(structlog.stdlib.BoundLogger):
         if structlog.stdlib.filter_by_level not in self._processors:
             return True
         return super().is_enabled_for(level)
+
+    def _proxy_to_logger(
+        self, method_name: str, event: str | None = None, *event_args: str, **event_kw: Any
+    ) -> Any:
+        level = _LEVELS_BY_METHOD.get(method_name)
+        if level is None or event_args or not _is_library_chain(self._processors):
+            return super()._proxy_to_logger(method_name, event, *event_args, **event_kw)
+        logger: logging.Logger = self._logger
+        if logger.isEnabledFor(level):
+            fields = {**self._context, **event_kw} if self._context else event_kw
+            # Two frames up: the caller of .info() (or .log()), as logging's findCaller says.
+            _emit(logger, level, "" if event is None else event, fields, sys._getframe(2))
+        return None
+
+
+def _emit(
+    logger: logging.Logger, level: int, event: str, fields: dict[str, Any], caller: FrameType
+) -> None:
+    """What :func:`_to_record` and ``logging.Logger._log`` do for a line, the caller known.
+
+    ``exc_info``, ``stack_info`` and ``stacklevel`` mean what they mean to ``logging``.
+    """
+    exc_info = fields.pop("exc_info", None)
+    stack_info = fields.pop("stack_info", False)
+    for _ in range(fields.pop("stacklevel", 1) - 1):
+        caller = caller.f_back or caller
+    extra = {key: value for key, value in fields.items() if key not in _RECORD_ATTRS}
+    extra[_FIELDS] = fields
+    if isinstance(exc_info, BaseException):
+        exc_info = (type(exc_info), exc_info, exc_info.__traceback__)
+    elif exc_info and not isinstance(exc_info, tuple):
+        exc_info = sys.exc_info()
+    if getattr(logging, "_srcfile", None) is None:  # caller lookup turned off, as logging allows
+        path, line, function = "(unknown file)", 0, "(unknown function)"
+    else:
+        code = caller.f_code
+        path, line, function = code.co_filename, caller.f_lineno, code.co_name
+    record = logger.makeRecord(
+        logger.name, level, path, line, event, (), exc_info or None, function, extra,
+        _stack(caller) if stack_info else None,
+    )  # fmt: skip
+    logger.handle(record)
+
+
+def _stack(frame: FrameType) -> str:
+    """``logging``'s ``stack_info`` text, from ``frame`` up."""
+    text = "".join(traceback.format_stack(frame))
+    return "Stack (most recent call last):\n" + text.removesuffix("\n")
+
+
+def _is_library_chain(processors: Any) -> bool:
+    if processors is _CHAIN:
+        processors = _CHAIN.current()
+    return bool(processors == _LIBRARY_CHAIN)
 
 
 class _Chain:
@@ -223,9 +279,13 @@ class _Chain:
     """
 
     def __iter__(self) -> Iterator[Any]:
+        return iter(self.current())
+
+    def current(self) -> Any:
+        """The processors in effect now."""
         if structlog.is_configured():
-            return iter(structlog.get_config()["processors"])
-        return iter(_LIBRARY_CHAIN)
+            return structlog.get_config()["processors"]
+        return _LIBRARY_CHAIN
 
 
 def add_task_context(_: Any, __: str, event: EventDict) -> EventDict:
@@ -284,23 +344,95 @@ def _to_record(_: Any, __: str, event: EventDict) -> dict[str, Any]:
     return {"msg": name, "extra": extra, **kwargs}
 
 
-def _record_fields(_: Any, __: str, event: EventDict) -> EventDict:
-    """``ProcessorFormatter``'s first processor: a record's fields back into the event.
+class Formatter(logging.Formatter):
+    """ebsqs's line for any record: its event, its fields, the task's context, level and time.
 
-    An ebsqs event's own fields, or the ``extra`` attributes of the application's records.
+    An ebsqs event's own fields, or the ``extra`` attributes of the application's records; then
+    the running task's fields (:func:`add_task_context`), structlog's contextvars (``role``,
+    ``pid``), ``level`` and ``timestamp`` (UTC, ISO 8601, to the microsecond), and the formatted
+    ``exception``; rendered by ``render`` (JSON, or structlog's console renderer). Built
+    directly rather than by structlog's ``ProcessorFormatter``: a worker writes one per task.
     """
-    record: logging.LogRecord = event["_record"]
-    fields = getattr(record, _FIELDS, None)
-    if fields is None:
-        fields = {
-            key: value
-            for key, value in vars(record).items()
-            if key not in _RECORD_ATTRS and not key.startswith("_")
-        }
-    event.update(fields)
-    return event
+
+    def __init__(self, render: Callable[[str, EventDict], str]) -> None:
+        super().__init__()
+        self._render = render
+        self._second: tuple[int, str] = (-1, "")  # the last second formatted, as text
+
+    def format(self, record: logging.LogRecord) -> str:
+        event: EventDict = {"event": record.getMessage()}
+        if record.stack_info:
+            event["stack_info"] = record.stack_info
+        fields = getattr(record, _FIELDS, None)
+        if fields is None:
+            fields = {
+                key: value
+                for key, value in vars(record).items()
+                if key not in _RECORD_ATTRS and not key.startswith("_")
+            }
+        event.update(fields)
+        add_task_context(None, "", event)
+        structlog.contextvars.merge_contextvars(None, "", event)
+        level = record.levelname.lower()
+        event["level"] = level
+        event["timestamp"] = self._timestamp(record.created)
+        if record.exc_info:
+            event["exc_info"] = record.exc_info
+            event = structlog.processors.format_exc_info(None, level, event)
+        return self._render(level, event)
+
+    def _timestamp(self, created: float) -> str:
+        second, micros = divmod(int(created * 1_000_000), 1_000_000)
+        cached, text = self._second  # one tuple: a thread never sees half of another's update
+        if second != cached:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = (second, text)
+        return f"{text}.{micros:06d}Z"
 
 
+def _render_json(_: str, event: EventDict) -> str:
+    return "".join(_JSON(event, 0))
+
+
+def _console_renderer(renderer: structlog.dev.ConsoleRenderer) -> Callable[[str, EventDict], str]:
+    def render(level: str, event: EventDict) -> str:
+        return str(renderer(None, level, event))
+
+    return render
+
+
+def _json_fallback(value: Any) -> Any:
+    """structlog's JSONRenderer's: ``__structlog__()`` if a value has it, else its ``repr``."""
+    try:
+        return value.__structlog__()
+    except AttributeError:
+        return repr(value)
+
+
+def _json_encoder() -> Callable[[Any, int], Any]:
+    """``json.dumps``'s C encoder, made once rather than at every line, as ``json.dumps``
+    would: the same text (``default=`` as structlog's JSONRenderer). No check for circular
+    values: one recurses until ``RecursionError``, and the line is dropped and counted."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # an interpreter without the C accelerator
+        encoder = json.JSONEncoder(default=_json_fallback, check_circular=False)
+        return lambda value, _: (encoder.encode(value),)
+    return make(  # type: ignore[no-any-return]
+        None, _json_fallback, json.encoder.encode_basestring_ascii, None, ": ", ", ",
+        False, False, True,
+    )  # fmt: skip
+
+
+_JSON = _json_encoder()
+_LEVELS_BY_METHOD = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+    "exception": logging.ERROR,  # structlog's exception() has set exc_info
+}
 # The first processor drops a line below its logger's level before any work is done on it.
 _LIBRARY_CHAIN: list[Any] = [structlog.stdlib.filter_by_level, _to_record]
 _CHAIN = _Chain()

@@ -159,8 +159,13 @@ class Operations(Extension):
     # -- helpers -----------------------------------------------------------------------------
 
     def _publish(self, snapshot: SupervisorSnapshot) -> None:
-        """Hand the snapshot to the metrics and write it to the status file."""
+        """Hand the snapshot to the metrics and the depth sampler, and write it to the status
+        file."""
         self.metrics.update(snapshot, self.clock())
+        if self.sampler is not None:
+            self.sampler.note_received(
+                {queue: counts.received for queue, counts in snapshot.queue_counts.items()}
+            )
         if self.status_file is not None:
             self.status_file.write(
                 document(

@@ -144,6 +144,8 @@ def document(
         "degraded": sum(1 for child in snapshot.children if child.state == DEGRADED),
         "children": [_child_document(child) for child in snapshot.children],
         "queues": {queue: _depth_document(depth) for queue, depth in (depths or {}).items()},
+        # Per task, the master's lifetime totals (TaskStats.to_wire): the dashboard's task page.
+        "tasks": dict(snapshot.counts.task_wire()),
     }
 
 
@@ -510,7 +512,7 @@ def render_table(view: Mapping[str, Any]) -> str:
     """A status view (see :func:`live_view`) as a header line and a table of children."""
     master, counts = view["master"], view["counts"]
     header = (
-        f"ebsqs master {master['pid']}: {master['state']}, up {_duration(master['uptime'])}, "
+        f"ebsqs master {master['pid']}: {master['state']}, up {duration(master['uptime'])}, "
         f"{len(view['children'])} children, done {counts.get('succeeded', 0)}, "
         f"failed {counts.get('failed', 0)}, retried {counts.get('retried', 0)}, "
         f"restarts {view['restarts']}"
@@ -535,7 +537,7 @@ def _row(child: Mapping[str, Any]) -> tuple[str, ...]:
         str(child["pid"]),
         state,
         _shorten(task["name"], 40) if task else "-",
-        _duration(task["running_for"]) if task and task["running_for"] is not None else "-",
+        duration(task["running_for"]) if task and task["running_for"] is not None else "-",
         str(counts.get("succeeded", 0)),
         str(counts.get("failed", 0)),
         str(counts.get("retried", 0)),
@@ -550,7 +552,7 @@ def _last_error(child: Mapping[str, Any]) -> str:
     error, ago = child.get("last_error"), child.get("last_error_age")
     if not error:
         return "-"
-    return f"{_shorten(str(error), 50)} ({_duration(ago)} ago)" if ago is not None else str(error)
+    return f"{_shorten(str(error), 70)} ({duration(ago)} ago)" if ago is not None else str(error)
 
 
 def _depth_lines(queues: Mapping[str, Any]) -> list[str]:
@@ -590,7 +592,8 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1) :]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """``12.3s``, ``3m05s``, ``2h10m``, ``3d04h``."""
     seconds = max(float(seconds), 0.0)
     if seconds < 60:
         return f"{seconds:.1f}s"

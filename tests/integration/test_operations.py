@@ -232,7 +232,9 @@ def test_notify_protocol_through_a_hang_a_reload_and_a_stop(tmp_path: Path, star
         wait_until(lambda: systemd.sent("READY"), 20, message=sup.describe)
         ready_at, _ = systemd.sent("READY")[0]
         first_status = next(v for at, v in systemd.sent("STATUS") if at >= ready_at)
-        assert first_status.startswith("ops 2/2 up, 0 busy; done 0, failed 0, restarts 0")
+        assert first_status.startswith("ops 2/2 up, 0 busy; done 0, failed 0, restarts 0"), (
+            f"{first_status}; {sup.describe()}; exited: {sup.events('child_exited')}"
+        )
         assert len(sup.events("child_spawned")) == 2
         assert sup.events("supervisor_ready")
         # Periodic WATCHDOG=1, at half of WATCHDOG_USEC.
@@ -281,6 +283,25 @@ def test_notify_protocol_through_a_hang_a_reload_and_a_stop(tmp_path: Path, star
 
 
 # -- acceptance 3: ebsqs status ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_status_shows_the_text_of_a_child_s_last_error(start: Any, broker: Broker) -> None:
+    sup = start("--queues", "ops:1")
+    sup.wait_running(1)
+    send(broker, "fails", 1)
+
+    def failed_child() -> dict[str, Any] | None:
+        result = ebsqs("status", "--status-file", str(sup.status_path), "--json")
+        [child] = json.loads(result.stdout)["children"]
+        return child if child["last_error"] else None
+
+    child = wait_until(failed_child, 20, interval=0.2, message=lambda: f"{sup.status()}")
+    assert child["last_error"] == "failed: ops_tasks.fails (ValueError: fails on purpose: fails-0)"
+    table = ebsqs("status", "--status-file", str(sup.status_path)).stdout
+    assert "failed: ops_tasks.fails (ValueError: fails on purpose" in table
+    os.kill(sup.pid, signal.SIGTERM)
+    assert sup.process.wait(30) == 0
 
 
 @pytest.mark.timeout(60)

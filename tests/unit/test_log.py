@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import os
+import re
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import IO
 
 import pytest
 import structlog
+import structlog.testing
 
 from ebsqs import log
 from ebsqs.context import TaskContext, activated
@@ -296,3 +299,82 @@ def test_a_record_that_cannot_be_formatted_is_dropped_and_counted(tmp_path: Path
         handler.handle(logging.makeLogRecord({"msg": "%d", "args": ("not a number",)}))
 
     assert handler.output.dropped == 1
+
+
+def test_an_ebsqs_record_names_its_caller_and_carries_its_exception() -> None:
+    """The short way to ``logging`` (ebsqs's own chain) makes the record ``logging`` would."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("ebsqs.test.caller")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        structlog.reset_defaults()
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.get_logger("ebsqs.test.caller").exception("task_failed", task_id="t-1")
+        line = _caller_line() + 1
+        log.get_logger("ebsqs.test.caller").info("task_succeeded", stack_info=True)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+
+    failed, succeeded = records
+    assert (failed.levelno, failed.funcName, failed.filename) == (
+        logging.ERROR, "test_an_ebsqs_record_names_its_caller_and_carries_its_exception",
+        "test_log.py",
+    )  # fmt: skip
+    assert failed.exc_info is not None and failed.exc_info[0] is RuntimeError
+    assert succeeded.lineno == line and succeeded.stack_info is not None
+    assert succeeded.stack_info.startswith("Stack (most recent call last):\n")
+    assert (
+        not hasattr(succeeded, "stack_info_")
+        and "stack_info" not in vars(succeeded)["_ebsqs_fields"]
+    )
+
+
+def _caller_line() -> int:
+    return sys._getframe(1).f_lineno
+
+
+def test_json_lines_carry_the_exception_and_a_utc_timestamp_to_the_microsecond(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        monkeypatch.setattr("sys.stderr", stream)
+        log.configure("json", "info")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            log.get_logger("ebsqs.test").exception("task_failed", task_id="t-1")
+
+    [line] = _lines(path)
+    assert line["level"] == "error" and line["task_id"] == "t-1"
+    assert str(line["exception"]).endswith("RuntimeError: boom")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", str(line["timestamp"]))
+
+
+def test_a_value_that_cannot_be_rendered_drops_its_line_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    circular: list[object] = []
+    circular.append(circular)
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        monkeypatch.setattr("sys.stderr", stream)
+        log.configure("json", "info")
+        log.get_logger("ebsqs.test").info("circular", value=circular)
+        log.get_logger("ebsqs.test").info("plain", value=[1])
+
+    assert [line["event"] for line in _lines(path)] == ["plain"]
+    assert log.dropped_lines() == 1
+
+
+def test_another_structlog_chain_gets_ebsqs_events_at_every_level() -> None:
+    with structlog.testing.capture_logs() as events:
+        log.get_logger("ebsqs.test").debug("below_any_level", n=1)
+
+    assert events == [{"event": "below_any_level", "n": 1, "log_level": "debug"}]

@@ -369,6 +369,7 @@ class _Depths:
         self.release = threading.Event()
         self.release.set()
         self.calls = 0
+        self.in_flight = 1
 
     def stats(self, queue: str) -> QueueStats:
         self.calls += 1
@@ -378,7 +379,7 @@ class _Depths:
             raise BrokerUnavailable("no route to the broker")
         if queue not in self.visible:
             raise QueueDoesNotExist(queue)
-        return QueueStats(queue, self.visible[queue], 1, 0)
+        return QueueStats(queue, self.visible[queue], self.in_flight, 0)
 
     def close(self) -> None:
         pass
@@ -447,3 +448,34 @@ def test_a_broker_that_blocks_does_not_delay_the_master_s_hooks(tmp_path: Path) 
         broker.release.set()
         ops.on_stopped(snap, 0)
     wait_until(lambda: sampler.depths()["a"].visible == 4, 10)
+
+
+def test_an_idle_queue_is_read_again_only_after_a_receive_or_the_idle_interval() -> None:
+    broker = _Depths()
+    broker.visible = {"a": 0, "a-dlq": 3}  # an empty queue with old dead letters
+    sampler = sampler_of(broker)
+    sampler.idle_interval = 600
+    sampler.note_received({"a": 40})
+    sampler.sample_once()
+    assert broker.calls == 2  # the queue and its dead-letter queue
+    assert sampler.depths()["a"].in_flight == 1  # _Depths reports one in flight: not idle
+    sampler.sample_once()
+    assert broker.calls == 4
+
+    broker.in_flight = 0
+    sampler.sample_once()  # empty now, and nothing received since the last sample
+    assert broker.calls == 6
+    for _ in range(3):
+        sampler.sample_once()
+    assert broker.calls == 6, "an idle queue was read again within the idle interval"
+    assert sampler.depths()["a"].dead_letters == 3  # the last depths stand
+
+    sampler.note_received({"a": 41})  # a child received a message: the queue moved
+    sampler.sample_once()
+    assert broker.calls == 8
+    sampler.sample_once()
+    assert broker.calls == 8
+
+    sampler.idle_interval = 0  # the idle interval passed: read again, even with no receive
+    sampler.sample_once()
+    assert broker.calls == 10

@@ -21,7 +21,7 @@ from ebsqs.ops.cli import healthcheck
 from ebsqs.ops.cli import status as status_command
 from ebsqs.ops.depth import QueueDepth
 from ebsqs.supervisor.config import QueueSpec, SupervisorConfig
-from ebsqs.supervisor.heartbeat import Beat
+from ebsqs.supervisor.heartbeat import Beat, decode, encode
 from ebsqs.supervisor.snapshot import (
     ChildSnapshot,
     CurrentTask,
@@ -488,3 +488,18 @@ def test_a_child_s_last_error_comes_from_the_counters_its_heartbeats_carry() -> 
     document = status.document(snap, heartbeat_timeout=30.0, now=NOW)
     row = status.render_table(status.live_view(document, now=NOW)).splitlines()[-1]
     assert row.endswith("receive_errors (0.0s ago)")
+
+
+def test_a_child_s_last_error_carries_the_error_s_own_text_from_its_heartbeat() -> None:
+    table = Table(SupervisorConfig(apps=(), queues=(QueueSpec("emails", 1),)))
+    [slot] = table.slots_to_fill(0.0)
+    record = table.spawned(slot, 4242, 0.0, None)
+    failed = Counters(tasks={"app.bad": TaskStats(failed=1)})
+    wire = {"counts": failed.queue_wire(), "tasks": dict(failed.task_wire())}
+    beat = Beat(record.pid, "idle", error="ValueError: no such address", **wire)  # type: ignore[arg-type]
+    table.beat(record.pid, decode(encode(beat)[4:]), 1.0)  # through the wire
+    snap = table.snapshot(2.0, os.getpid(), MasterState.RUNNING, 2.0)
+    assert snap.children[0].last_error == "failed: app.bad (ValueError: no such address)"
+    document = status.document(snap, heartbeat_timeout=30.0, now=NOW)
+    row = status.render_table(status.live_view(document, now=NOW)).splitlines()[-1]
+    assert "failed: app.bad (ValueError: no such address)" in row
