@@ -19,8 +19,7 @@ import click
 
 from ebsqs import executors, log
 from ebsqs.app import load_app, split_list
-from ebsqs.brokers import MAX_BATCH, Broker, OutgoingMessage, ReceivedMessage, from_url
-from ebsqs.brokers.base import carried_attributes, is_fifo
+from ebsqs.brokers import from_url
 from ebsqs.config import (
     DEFAULT_GRACEFUL_TIMEOUT,
     DEFAULT_HEARTBEAT_TIMEOUT,
@@ -29,6 +28,7 @@ from ebsqs.config import (
     queue_limits,
     soft_over_hard,
 )
+from ebsqs.dashboard.deadletters import redrive
 from ebsqs.errors import ConfigurationError, EbsqsError, ExitCode, exit_code_for
 from ebsqs.log import get_logger
 from ebsqs.ops import cli as ops_cli
@@ -37,6 +37,7 @@ from ebsqs.producer import Call, NamedTask, Sendable, SendOptions, ensure_queue
 from ebsqs.producer import send as send_calls
 from ebsqs.registry import registry
 from ebsqs.worker import FastStop, Worker, WorkerOptions
+from ebsqs.worker.idle import token_directory
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -384,6 +385,7 @@ def supervise(
     from ebsqs.ops.operations import Operations
     from ebsqs.supervisor import master
     from ebsqs.supervisor.config import DEFAULT_WORKERS, SupervisorConfig, parse_queues
+    from ebsqs.supervisor.services import services
 
     log.configure(log_format, log_level, role="master")
     settings = settings_from(
@@ -400,7 +402,8 @@ def supervise(
     # Found now, not after start: a pidfile write fails the start with a traceback, and a
     # status file that cannot be written only logs, so healthchecks would fail forever.
     _check_writable(pidfile, "--pidfile", create_directory=False)
-    _check_writable(status_path(status_file, pidfile, os.getpid()), "--status-file")
+    status = status_path(status_file, pidfile, os.getpid())  # this process is the master
+    _check_writable(status, "--status-file")
     if not apps and not len(registry):  # under Django, tasks are autodiscovered before this
         logger.warning(
             "app_not_given",
@@ -420,11 +423,13 @@ def supervise(
         pidfile=pidfile,
         log_format=log_format,
         log_level=log_level,
+        # Beside the status file, which names this supervisor: its children take turns.
+        poll_token_dir=str(token_directory(status)),
     )
     operations = Operations.create(
         config, status_file=status_file, metrics_port=metrics_port, metrics_host=metrics_host
     )
-    sys.exit(master.run(config, [operations]))
+    sys.exit(master.run(config, [operations, *services(config)]))
 
 
 @main.command()
@@ -564,32 +569,6 @@ def dlq_redrive(queue: str, limit: int | None, broker: str | None) -> None:
     click.echo(f"moved {moved} message(s) from {source} to {target}")
 
 
-def redrive(broker: Broker, source: str, target: str, limit: int | None) -> int:
-    """Move messages from ``source`` to ``target``: send first, then delete."""
-    moved = 0
-    while limit is None or moved < limit:
-        want = MAX_BATCH if limit is None else min(MAX_BATCH, limit - moved)
-        batch = broker.receive(source, want, wait_seconds=0, visibility_timeout=60)
-        if not batch:
-            break
-        broker.send_batch(target, [redriven(m, fifo=is_fifo(target)) for m in batch])
-        broker.ack(batch)
-        moved += len(batch)
-    return moved
-
-
-def redriven(message: ReceivedMessage, *, fifo: bool) -> OutgoingMessage:
-    """A dead letter sent back: its body, its group and its claim-check attributes, not the
-    reasons. On FIFO its deduplication id is fixed per dead letter, so a redrive interrupted
-    between the send and the delete does not run it twice."""
-    return OutgoingMessage(
-        message.body,
-        attributes=carried_attributes(message),
-        group_id=message.group_id,
-        dedup_id=f"{message.message_id}:redrive" if fifo else None,
-    )
-
-
 @dlq.command("peek")
 @click.argument("queue")
 @click.option("--limit", type=click.IntRange(1, 10), default=10, show_default=True)
@@ -609,7 +588,69 @@ def dlq_peek(queue: str, limit: int, broker: str | None) -> None:
     the_broker.change_visibility(batch, 0)
 
 
+@main.command()
+@app_option
+@queues_option()
+@broker_option
+@click.option("--port", type=click.IntRange(0, 65535), default=8188, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Beyond loopback, "
+              "EBSQS_DASHBOARD_TOKEN must be set.")  # fmt: skip
+@click.option("--status", multiple=True, help="Status files or directories of masters to show "
+              "[default: the local ones `ebsqs status` finds].")  # fmt: skip
+@click.option("--show-arguments", is_flag=True, help="Show task arguments in dead letters.")
+def dashboard(apps: tuple[str, ...], queues: str, broker: str | None, **options: Any) -> None:
+    """Serve the web dashboard (queues, workers, dead letters, tasks); see ebsqs.dashboard."""
+    from ebsqs.dashboard.server import run
+
+    log.configure("auto", "info", role="dashboard")  # its address, and each action taken
+    load_app(split_list(apps))
+    run(settings_from(broker), split_list(queues), **options)
+
+
 # -- operations: systemd-unit, status, healthcheck (implemented in ebsqs/ops/cli.py) --------
 main.add_command(ops_cli.systemd_unit)
 main.add_command(ops_cli.status)
 main.add_command(ops_cli.healthcheck)
+
+
+# -- periodic tasks (implemented in ebsqs/periodic/) -------------------------------------------
+@main.group()
+def periodic() -> None:
+    """Periodic tasks (@periodic): their schedules and next runs."""
+
+
+@periodic.command("list")
+@app_option
+@click.option("--count", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Next run times shown per task.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per task.")
+def periodic_list(apps: tuple[str, ...], count: int, as_json: bool) -> None:
+    """Each periodic task: its schedule, time zone, queue, missed-tick policy and next runs."""
+    import datetime as dt
+
+    from ebsqs.periodic import periodic_registry, upcoming
+    from ebsqs.periodic.ticks import iso
+
+    load_app(split_list(apps))
+    settings = settings_from(None)
+    now = dt.datetime.now(dt.UTC)
+    for entry in periodic_registry.entries():
+        queue = entry.task.queue_name or settings.default_queue
+        runs = [iso(moment) for moment in upcoming(entry.schedule, now, count)]
+        row = {
+            "task": entry.name,
+            "schedule": entry.schedule.describe(),
+            "tz": entry.schedule.tz,
+            "queue": queue,
+            "missed": entry.missed,
+            "next": runs,
+        }
+        if as_json:
+            click.echo(json.dumps(row))
+        else:
+            click.echo(
+                f"{entry.name}  {row['schedule']}  tz={row['tz']}  queue={queue}  "
+                f"missed={entry.missed}  next: {', '.join(runs)}"
+            )
+    if not len(periodic_registry):
+        click.echo("no periodic task is registered (is its module in --app?)", err=True)

@@ -72,6 +72,17 @@ class Settings:
             checked; None (the default) never compresses. Every ebsqs worker reads both forms.
         max_payload_bytes: the largest payload a worker fetches from S3 or inflates, in bytes;
             larger ones are dead-lettered unread (a hostile pointer or a zip bomb).
+        park_delays: a message received before it is due is kept invisible until then, 12
+            hours at a time (a 24-hour delay costs about 6 requests); off, it is sent on again
+            15 minutes at a time (288 requests a day). Parked messages count toward
+            SQS's 120,000 in-flight messages per standard queue.
+        flow_store: where flow control (rate and concurrency limits of ``limit_scope="global"``
+            tasks, unique tasks) keeps its state: ``host`` (the host store, shared by every
+            process of this host), ``sqlite:///path`` (a host store at that path),
+            ``redis://host:6379/0`` (shared by every host; the ``redis`` extra) or ``django``
+            / ``django:<alias>`` (the Django database; ``ebsqs.contrib.django`` migrated).
+        flow_host_store: the host store's SQLite file; empty for one per user in the
+            temporary directory.
     """
 
     broker_url: str = DEFAULT_BROKER_URL
@@ -94,6 +105,7 @@ class Settings:
     backoff_base: float = 1.0
     backoff_cap: float = 3600.0
     ack_wait: float = 0.1
+    park_delays: bool = True
     time_limit: str = ""
     soft_time_limit: str = ""
     large_payload_bucket: str | None = None
@@ -101,6 +113,8 @@ class Settings:
     large_payload_prefix: str = "ebsqs-payloads/"
     compress_over: int | None = None
     max_payload_bytes: int = 64 * 1024 * 1024
+    flow_store: str = "host"
+    flow_host_store: str = ""
 
     def __post_init__(self) -> None:
         problem = soft_over_hard(self.time_limit, self.soft_time_limit)

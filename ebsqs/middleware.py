@@ -9,7 +9,8 @@ Around one message, in order:
 
 1. :meth:`Middleware.before_start`, in the worker loop's thread, just before the job would go to
    the executor: return :data:`RUN`, :func:`defer` (the message is released with a delay and
-   comes back later; not a failure) or :func:`reject` (dead-lettered with the reason, never run).
+   comes back later; not a failure), :func:`reject` (dead-lettered with the reason, never run)
+   or :func:`skip` (acked without running: a duplicate of work already done).
    The first middleware that does not say RUN decides.
 2. :meth:`Middleware.task_started` and :meth:`Middleware.task_finished`, in the thread or process
    that runs the task (a pool thread, a process executor's child).
@@ -19,19 +20,27 @@ Around one message, in order:
 4. :meth:`Middleware.after_outcome`, in the loop's thread, before the worker acks, retries or
    dead-letters the message.
 
+Around each send: :meth:`Middleware.send_later` (wait for a commit), :meth:`Middleware.before_send`
+(the envelope) and :meth:`Middleware.keeper` (keep the encoded messages, as an outbox does).
+
 Flow control (rate and concurrency limits, unique tasks) is built as middleware on this seam.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ebsqs.brokers import OutgoingMessage
     from ebsqs.envelope import Envelope
     from ebsqs.executors.execution import Job, Outcome
+
+
+#: Keeps encoded messages to send later (see :meth:`Middleware.keeper`): messages, task ids.
+Keeper = Callable[[Sequence["OutgoingMessage"], Sequence[str]], None]
 
 
 class Action(enum.StrEnum):
@@ -40,6 +49,7 @@ class Action(enum.StrEnum):
     RUN = "run"
     DEFER = "defer"  # released with a delay: it comes back later, no failure counted
     REJECT = "reject"  # dead-lettered with the reason, never run
+    SKIP = "skip"  # acked without running (a duplicate of a task that already completed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +79,11 @@ def defer(delay: float, reason: str) -> Decision:
 def reject(reason: str) -> Decision:
     """Dead-letter the message with ``reason``; it never runs."""
     return Decision(Action.REJECT, 0.0, reason)
+
+
+def skip(reason: str) -> Decision:
+    """Delete the message without running it (counted ``skipped``): its work is already done."""
+    return Decision(Action.SKIP, 0.0, reason)
 
 
 class Middleware:
@@ -105,6 +120,19 @@ class Middleware:
         (``dataclasses.replace``), e.g. with a ``trace`` context.
         """
         return envelope
+
+    def keeper(self, queue: str) -> Keeper | None:
+        """Whether to keep what is about to be sent to the physical ``queue`` and send it later
+        itself: a function that takes the encoded messages and their task ids (a durable outbox
+        writes them to its table in the open transaction), or None to let the producer send.
+
+        Asked in the process that sends, before the messages are encoded: a send that is kept
+        does not ask the queue for its size limit (the broker's own limit applies, and the
+        queue's own when it is finally sent), so it needs no word with SQS. The function gets
+        the messages after :meth:`before_send` and every check (sizes, groups), so what is
+        kept is exactly what would have been sent.
+        """
+        return None
 
     # -- one message -----------------------------------------------------------------------
 
@@ -200,4 +228,13 @@ def send_later(*, on_commit: bool) -> Callable[[Callable[[], object]], None] | N
         scheduler = item.send_later(on_commit=on_commit)
         if scheduler is not None:
             return scheduler
+    return None
+
+
+def keeper(queue: str) -> Keeper | None:
+    """The first middleware's way to keep sends to ``queue`` (see :meth:`Middleware.keeper`)."""
+    for item in MIDDLEWARE:
+        keep = item.keeper(queue)
+        if keep is not None:
+            return keep
     return None

@@ -34,6 +34,7 @@ from ebsqs.errors import (
     PartialBatchError,
     QueueDoesNotExist,
 )
+from ebsqs.flow.spec import FlowSpec
 from ebsqs.payload import Payloads
 
 #: The message group of a FIFO message whose task and call name none: the queue is then one
@@ -178,6 +179,7 @@ def send(
     for call in calls:
         encode(new_envelope(task, call, 0, 0.0))  # raises SerializationError, naming the argument
         message_group(task, call, options, fifo=False)
+    _check_flow_keys(task, calls)
     # The send runs in a copy of this call's context, so what middleware reads there at send
     # time (the current trace span, for one) is what was current at .delay(), not at commit.
     context = contextvars.copy_context()
@@ -202,34 +204,114 @@ def send_now(
     """
     if settings is None:
         settings = load_settings()
+    _check_flow_keys(task, calls)
     now = time.time()
     max_retries = _first(options.max_retries, task.max_retries, settings.default_max_retries)
     due = due_time(options, _first(task.default_delay, settings.default_delay), now)
     envelopes = [new_envelope(task, call, max_retries, now) for call in calls]
+    spec = flow_of(task)
     if settings.eager or options.execute_inline:
         return [run_eagerly(envelope, settings) for envelope in envelopes]
     logical = _first(options.queue_name, task.queue_name, settings.default_queue)
     physical = settings.physical_queue(logical)
     envelopes = [middleware.before_send(envelope, logical) for envelope in envelopes]
     broker = broker_for(settings.broker_url)
-    limit = broker.body_limit(physical)
+    keep = middleware.keeper(physical)
+    if keep is None:
+        limit = broker.body_limit(physical)
+    else:  # sent later: no word with the queue now (an outbox writes rows while SQS is down)
+        limit = BodyLimit(broker.max_body_bytes, "the broker's limit (the send is kept for later)")
     fifo = is_fifo(physical)
-    messages = [
-        outgoing(
-            envelope,
-            due,
-            settings,
-            limit,
-            target=physical,
-            queue=logical,
-            group_id=message_group(task, call, options, fifo=fifo),
-            dedup_id=_dedup_id(options.deduplication_id or envelope.id) if fifo else None,
-        )
-        for call, envelope in zip(calls, envelopes, strict=True)
+    firsts, claimed = _claim_unique(spec, calls, envelopes, settings)
+    sending = [
+        (call, envelope)
+        for call, envelope, first in zip(calls, envelopes, firsts, strict=True)
+        if first is None
     ]
-    task_ids = [envelope.id for envelope in envelopes]
-    send_messages(broker, settings, physical, messages, task_ids=task_ids)
-    return task_ids
+    task_ids = [envelope.id for _, envelope in sending]
+    try:
+        messages = [
+            outgoing(
+                envelope,
+                due,
+                settings,
+                limit,
+                target=physical,
+                queue=logical,
+                group_id=message_group(task, call, options, fifo=fifo),
+                dedup_id=_dedup_id(_fifo_dedup(options, spec, call, envelope)) if fifo else None,
+            )
+            for call, envelope in sending
+        ]
+        if messages and keep is not None:
+            keep(messages, task_ids)
+        elif messages:
+            send_messages(broker, settings, physical, messages, task_ids=task_ids)
+    except PartialBatchError as exc:
+        # What was sent keeps its claim; what was not may be sent again.
+        unsent = {task_ids[i] for i in exc.failed}
+        _unclaim([claim for claim in claimed if claim[1] in unsent], settings)
+        raise
+    except BaseException:
+        _unclaim(claimed, settings)  # nothing was sent (too large, no queue): call again
+        raise
+    return [first or envelope.id for envelope, first in zip(envelopes, firsts, strict=True)]
+
+
+def flow_of(task: Sendable) -> FlowSpec | None:
+    """A task's flow control (``@task(rate_limit=...)``), or None."""
+    spec = getattr(task, "flow", None)
+    return spec if isinstance(spec, FlowSpec) else None
+
+
+def _check_flow_keys(task: Sendable, calls: Sequence[Call]) -> None:
+    """Run the task's limit and unique key functions on each call, so that arguments they
+    cannot take fail at ``.delay()`` (:class:`~ebsqs.flow.spec.FlowKeyError`), not on a worker."""
+    spec = flow_of(task)
+    if spec is not None:
+        for call in calls:
+            spec.check_keys(tuple(call.args), call.kwargs)
+
+
+def _claim_unique(
+    spec: FlowSpec | None, calls: Sequence[Call], envelopes: Sequence[Envelope], settings: Settings
+) -> tuple[list[str | None], list[tuple[str, str]]]:
+    """Per call, the task id of an earlier send of the same unique task (this one is then
+    dropped) or None; and the claims made (see :func:`ebsqs.flow.unique.claim_sends`)."""
+    if spec is None or spec.unique_for is None:
+        return [None] * len(calls), []
+    # Imported here: only a unique task's send needs a store (SQLite, Redis or Django).
+    from ebsqs.flow import unique
+
+    return unique.claim_sends(
+        spec,
+        [(tuple(call.args), call.kwargs) for call in calls],
+        [envelope.id for envelope in envelopes],
+        settings.flow_store,
+        settings.flow_host_store,
+    )
+
+
+def _unclaim(claimed: Sequence[tuple[str, str]], settings: Settings) -> None:
+    if not claimed:
+        return
+    from ebsqs.flow import unique  # loaded already: the claims were made with it
+
+    unique.unclaim(claimed, settings.flow_store, settings.flow_host_store)
+
+
+def _fifo_dedup(options: SendOptions, spec: FlowSpec | None, call: Call, envelope: Envelope) -> str:
+    """A FIFO message's deduplication id: the call's, else a unique task's key digest (when
+    its window covers SQS's five minutes), else the task id."""
+    if options.deduplication_id:
+        return options.deduplication_id
+    if spec is not None and spec.unique_for is not None:
+        from ebsqs.flow import unique  # loaded already by the claim
+
+        derived = unique.fifo_dedup_id(spec, tuple(call.args), call.kwargs)
+        if derived is not None:
+            return derived
+    return envelope.id
 
 
 def message_group(task: Sendable, call: Call, options: SendOptions, *, fifo: bool) -> str | None:

@@ -8,16 +8,18 @@ only as :class:`~ebsqs.producer.Sendable`.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
-from ebsqs import producer
+from ebsqs import middleware, producer
 from ebsqs.backoff import Backoff
 from ebsqs.context import current_or_none
 from ebsqs.errors import ConfigurationError, MaxRetriesReachedException, MessageGroupError, Retry
+from ebsqs.flow.spec import FlowSpec, KeyRule, build_spec
 from ebsqs.producer import Call, SendOptions
 from ebsqs.registry import TaskRegistry, registry
 
@@ -59,6 +61,11 @@ class Task(Generic[P, R]):
         fifo_group: str | None = None,
         group_by: GroupRule | None = None,
         tenant: str | GroupRule | None = None,
+        rate_limit: str | tuple[str, KeyRule] | None = None,
+        concurrency_limit: int | tuple[int, KeyRule] | None = None,
+        unique_for: dt.timedelta | float | None = None,
+        unique_key: KeyRule | None = None,
+        limit_scope: str = "global",
         options: SendOptions | None = None,
         registry: TaskRegistry = registry,
     ) -> None:
@@ -80,6 +87,22 @@ class Task(Generic[P, R]):
         self.soft_time_limit = soft_time_limit
         self.default_delay = delay
         self.options = options or SendOptions()
+        #: Flow control (rate and concurrency limits, uniqueness), or None.
+        self.flow: FlowSpec | None = build_spec(
+            self.name,
+            rate_limit=rate_limit,
+            concurrency_limit=concurrency_limit,
+            unique_for=unique_for,
+            unique_key=unique_key,
+            limit_scope=limit_scope,
+        )
+        if self.flow is not None:
+            # Imported only by tasks that use it: a process with none loads no store library.
+            # Registering the middleware is a registry entry, like the task's own: no store,
+            # no settings, no connection until a worker starts one.
+            from ebsqs.flow.middleware import flow_control
+
+            middleware.add(flow_control(registry))
         functools.update_wrapper(self, fn)
 
     def group_for(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
@@ -231,6 +254,11 @@ def task(
     fifo_group: str | None = None,
     group_by: GroupRule | None = None,
     tenant: str | GroupRule | None = None,
+    rate_limit: str | tuple[str, KeyRule] | None = None,
+    concurrency_limit: int | tuple[int, KeyRule] | None = None,
+    unique_for: dt.timedelta | float | None = None,
+    unique_key: KeyRule | None = None,
+    limit_scope: str = "global",
     options: SendOptions | None = None,
     registry: TaskRegistry = registry,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
@@ -249,6 +277,13 @@ def task(fn: Callable[P, R] | None = None, /, **settings: Any) -> Any:
             the call's arguments naming its group: ``lambda order_id, **_: order_id``),
             ``tenant`` (the fair-queue tenant on a standard queue: a name, or such a
             function), ``options`` (default :class:`SendOptions`), ``registry``.
+            Flow control (see the README): ``rate_limit`` (``"100/m"``, or ``("10/s",
+            key_function)`` for one limit per key), ``concurrency_limit`` (``5``, or ``(5,
+            key_function)``), ``limit_scope`` (``"global"``: counted in the ``flow_store``
+            setting's store; ``"host"``: per host, whatever that setting), ``unique_for`` (a
+            ``timedelta``: a second send with the same key within it is dropped, and a
+            duplicate delivery of a completed task skipped), ``unique_key`` (a function of the
+            arguments; default: the arguments themselves).
     """
 
     def decorate(function: Callable[P, R]) -> Task[P, R]:

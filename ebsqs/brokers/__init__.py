@@ -6,6 +6,8 @@ lazily, in the process (and after the fork) that uses them.
 
 from __future__ import annotations
 
+import codecs
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from ebsqs import plugins
@@ -72,4 +74,22 @@ def from_url(url: str) -> Broker:
             + ", ".join(f"{s}://" for s in schemes())
         )
     broker: Broker = plugins.load(GROUP, scheme, BUILTIN, "broker").from_url(url)
+    return broker
+
+
+def prepared(url: str, factory: Callable[[str], Broker] = from_url) -> Broker:
+    """The broker of ``url`` with its clients built now, in this thread, and nothing asked of
+    the queue: for a thread of a master that forks (the depth sampler, the periodic scheduler,
+    the outbox's relay).
+
+    A lock a thread holds at a fork stays held in the child for good. boto3 takes Python's
+    module import locks while it builds a client, and a first connection looks up the idna
+    codec under its module lock (a child forked meanwhile was seen waiting forever): both are
+    done here, before the thread that uses the broker starts or under its fork guard.
+    """
+    codecs.lookup("idna")
+    broker = factory(url)
+    clients = getattr(broker, "clients", None)  # the SQS broker's boto3 clients
+    if callable(clients):
+        clients()
     return broker

@@ -3,7 +3,15 @@
 The master's loop never talks to the broker; this thread does, at most once per
 :data:`INTERVAL`: one ``GetQueueAttributes`` per configured queue and one per its dead-letter
 queue, so ``2 * N`` requests per interval for ``N`` queues (``8 * N`` a minute at 15 s), plus
-one ``GetQueueUrl`` per queue the first time. A
+one ``GetQueueUrl`` per queue the first time.
+
+An idle queue is read only every :data:`IDLE_INTERVAL`: one whose last sample was empty (nothing
+visible, in flight or delayed) and whose children received nothing since (:meth:`note_received`,
+from the master's totals). Nothing can change its depth unseen then: a message sent to it is
+received by the children's poll (which is activity), and its dead-letter queue grows only when
+a receive moves a message there. So a host with idle queues costs their long polls (3 requests
+a minute per queue, see :mod:`ebsqs.worker.idle`) and ``2 / 10`` of a request a minute each. A
+queue worked by other hosts only is read late (up to :data:`IDLE_INTERVAL` behind). A
 sample that blocks (a broker that hangs) delays only the next sample, never a heartbeat, a
 signal or a kill.
 
@@ -25,14 +33,13 @@ starts failing, ``queue_depth_recovered`` when it works again.
 
 from __future__ import annotations
 
-import codecs
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from ebsqs.brokers import from_url
+from ebsqs.brokers import from_url, prepared
 from ebsqs.brokers.base import Broker
 from ebsqs.config import Settings
 from ebsqs.errors import QueueDoesNotExist
@@ -42,6 +49,8 @@ log = get_logger(__name__)
 
 #: Seconds between samples (the master reads depth at most this often).
 INTERVAL = 15.0
+#: Seconds between samples of a queue that is idle (see above).
+IDLE_INTERVAL = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +92,16 @@ class DepthSampler:
         queues: Sequence[str],
         interval: float = INTERVAL,
         broker_factory: Callable[[str], Broker] = from_url,
+        idle_interval: float = IDLE_INTERVAL,
     ) -> None:
         self.settings = settings
         self.queues = tuple(queues)
         self.interval = interval
+        self.idle_interval = idle_interval
+        # Per queue: messages its children received in all (from the master), and that count
+        # at the queue's last good sample.
+        self._received: dict[str, int] = {}
+        self._received_at_sample: dict[str, int] = {}
         self._factory = broker_factory
         self._broker: Broker | None = None
         self._depths: dict[str, QueueDepth] = {q: QueueDepth(q) for q in self.queues}
@@ -100,6 +115,12 @@ class DepthSampler:
         """The latest depth of every configured queue (zeros before the first good sample)."""
         with self._lock:
             return dict(self._depths)
+
+    def note_received(self, received: Mapping[str, int]) -> None:
+        """Messages each queue's children received so far (the master's lifetime totals): a
+        queue whose count moved is sampled again at the next interval, idle or not."""
+        with self._lock:
+            self._received.update(received)
 
     @property
     def started(self) -> bool:
@@ -148,28 +169,35 @@ class DepthSampler:
         try:
             if self._broker is None:
                 self._broker = self._build()
-            fresh = {queue: self._read(self._broker, queue) for queue in self.queues}
+            due = [queue for queue in self.queues if not self._idle(queue)]
+            with self._lock:
+                received = {queue: self._received.get(queue, 0) for queue in due}
+            fresh = {queue: self._read(self._broker, queue) for queue in due}
         except Exception as exc:  # noqa: BLE001 - any broker failure: keep the last depths
             self._failed(exc)
             return
         with self._lock:
-            self._depths = fresh
+            self._depths = {**self._depths, **fresh}
+            self._received_at_sample.update(received)
         if self._failing:
             self._failing = False
             log.info("queue_depth_recovered", queues=len(self.queues))
+
+    def _idle(self, queue: str) -> bool:
+        """Whether ``queue`` can skip this sample: empty when last read (less than
+        :attr:`idle_interval` ago), and nothing received since."""
+        with self._lock:
+            depth = self._depths[queue]
+            moved = self._received.get(queue, 0) != self._received_at_sample.get(queue, -1)
+        empty = not (depth.visible or depth.in_flight or depth.delayed)
+        recent = time.time() - depth.sampled_at < self.idle_interval
+        return empty and recent and not moved and not depth.stale
 
     def _build(self) -> Broker:
         """The sampler's broker, with its clients made now (no queue request) under the fork
         guard, so no child is forked while boto3 holds its import locks in this thread."""
         with self._fork_guard:
-            broker = self._factory(self.settings.broker_url)
-            clients = getattr(broker, "clients", None)  # the SQS broker's boto3 clients
-            if callable(clients):
-                clients()
-            # A first connection looks up the idna codec, importing it under its module lock;
-            # a child forked meanwhile would wait on that lock forever (seen): look it up here.
-            codecs.lookup("idna")
-            return broker
+            return prepared(self.settings.broker_url, self._factory)
 
     def _read(self, broker: Broker, queue: str) -> QueueDepth:
         stats = broker.stats(self.settings.physical_queue(queue))

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from ebsqs.errors import ConfigurationError
 from ebsqs.log import get_logger
+from ebsqs.supervisor.config import SupervisorConfig
 from ebsqs.supervisor.process import ExitStatus
 from ebsqs.supervisor.snapshot import ChildSnapshot, SupervisorSnapshot
 from ebsqs.supervisor.table import Verdict
@@ -23,7 +25,13 @@ class Extension:
     """No-op base class; override what you need."""
 
     def on_starting(self, snapshot: SupervisorSnapshot) -> None:
-        """The app is imported and the first children are about to be forked."""
+        """The app is imported and the first children are about to be forked.
+
+        Raises:
+            ConfigurationError: what the app asks of this extension cannot run; the master
+                stops before its first fork with exit code 3 (``master_boot_failed``), as for
+                an app that fails to import. The only exception an extension may raise.
+        """
 
     def on_ready(self, snapshot: SupervisorSnapshot) -> None:
         """Every slot has a consuming child for the first time (sd_notify ``READY=1``)."""
@@ -55,11 +63,18 @@ class Extensions(Extension):
     def __init__(self, extensions: Sequence[Extension] = ()) -> None:
         self.items = list(extensions)
 
-    def _each(self, event: str, call: Callable[[Extension], None]) -> None:
+    def _each(
+        self,
+        event: str,
+        call: Callable[[Extension], None],
+        passing: type[Exception] | None = None,
+    ) -> None:
         for extension in self.items:
             try:
                 call(extension)
-            except Exception as exc:  # noqa: BLE001 - an extension must not take the master down
+            except Exception as exc:
+                if passing is not None and isinstance(exc, passing):
+                    raise
                 log.error(
                     "extension_failed",
                     extension=type(extension).__name__,
@@ -68,7 +83,8 @@ class Extensions(Extension):
                 )
 
     def on_starting(self, snapshot: SupervisorSnapshot) -> None:
-        self._each("on_starting", lambda e: e.on_starting(snapshot))
+        # A refusal stops the start (see the base class); any other error is logged.
+        self._each("on_starting", lambda e: e.on_starting(snapshot), passing=ConfigurationError)
 
     def on_ready(self, snapshot: SupervisorSnapshot) -> None:
         self._each("on_ready", lambda e: e.on_ready(snapshot))
@@ -90,3 +106,16 @@ class Extensions(Extension):
 
     def on_child_exited(self, child: ChildSnapshot, status: ExitStatus, verdict: Verdict) -> None:
         self._each("on_child_exited", lambda e: e.on_child_exited(child, status, verdict))
+
+
+#: Master extensions integrations add to every master (Django's ``AppConfig.ready()`` adds the
+#: outbox's relay): each a function of the master's configuration that returns the extensions
+#: to run, possibly none. A registry like the middleware list, which tests may replace.
+SERVICES: list[Callable[[SupervisorConfig], list[Extension]]] = []
+
+
+def add_service(factory: Callable[[SupervisorConfig], list[Extension]]) -> None:
+    """Have every master built from here on run ``factory(config)``'s extensions (once; adding
+    the same function again does nothing)."""
+    if factory not in SERVICES:
+        SERVICES.append(factory)

@@ -26,25 +26,11 @@ from pathlib import Path
 import pytest
 import structlog
 
+from tests import postgres
+
 PROJECT = Path(__file__).resolve().parent.parent / "fixtures" / "djproject"
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
-
-
-def _postgres_reason() -> str | None:
-    """Why PostgreSQL cannot be used here, or None when it can."""
-    try:
-        import psycopg
-    except ImportError:
-        return "psycopg is not installed (pip install 'psycopg[binary]')"
-    try:
-        with psycopg.connect(PG_DSN, autocommit=True):
-            return None
-    except psycopg.Error as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return f"no PostgreSQL on 127.0.0.1:5432 (trust auth, database 'test'): {reason}"
-
-
-PG_SKIP_REASON = _postgres_reason()
+PG_DSN = postgres.DSN
+PG_SKIP_REASON = postgres.unavailable()
 PG_NAME = f"ebsqs_dj_{os.getpid()}_{uuid.uuid4().hex[:6]}"
 TMP = Path(tempfile.mkdtemp(prefix="ebsqs-dj-"))
 
@@ -62,8 +48,9 @@ django.setup()
 
 import shop_tasks  # noqa: E402, F401 - the django-eb-sqs port: its tasks are the project's too
 
-from ebsqs import config, middleware  # noqa: E402
+from ebsqs import config, middleware, producer  # noqa: E402
 from ebsqs.registry import registry  # noqa: E402
+from tests import servers  # noqa: E402
 
 # What ready() registered, kept aside and installed around each test of this directory.
 _REGISTERED = (list(config.SOURCES), list(middleware.MIDDLEWARE))
@@ -163,3 +150,14 @@ def clean_rows() -> Iterator[None]:
 def tmp_djproject() -> Path:
     """The fixture project's directory (the working directory of ``manage.py`` runs)."""
     return PROJECT
+
+
+@pytest.fixture
+def sqs(fauxqs_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """This process sends to fauxqs under a fresh queue prefix; returns the subprocess env."""
+    prefix = f"dj{uuid.uuid4().hex[:8]}-"
+    servers.apply_sqs_env(monkeypatch, fauxqs_server)
+    monkeypatch.setenv("EBSQS_QUEUE_PREFIX", prefix)
+    producer.broker_for.cache_clear()  # a broker cached by another test may know another server
+    yield {**servers.sqs_env_vars(fauxqs_server), "EBSQS_QUEUE_PREFIX": prefix}
+    producer.broker_for.cache_clear()

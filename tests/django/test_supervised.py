@@ -10,30 +10,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ebsqs import producer
-from tests import servers
 from tests.django.conftest import djproject_env
 from tests.django.helpers import PROJECT, managed, stop
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.fauxqs, pytest.mark.timeout(90)]
-
-
-@pytest.fixture
-def sqs(fauxqs_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
-    """This process sends to fauxqs under a fresh queue prefix; returns the subprocess env."""
-    prefix = f"dj{uuid.uuid4().hex[:8]}-"
-    servers.apply_sqs_env(monkeypatch, fauxqs_server)
-    monkeypatch.setenv("EBSQS_QUEUE_PREFIX", prefix)
-    producer.broker_for.cache_clear()  # a broker cached by another test may know another server
-    yield {**servers.sqs_env_vars(fauxqs_server), "EBSQS_QUEUE_PREFIX": prefix}
-    producer.broker_for.cache_clear()
 
 
 def rows(alias: str) -> list[tuple[str, int, int | None]]:

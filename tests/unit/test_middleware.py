@@ -13,6 +13,7 @@ from ebsqs.brokers import OutgoingMessage, QueueSettings
 from ebsqs.brokers.memory import MemoryBroker
 from ebsqs.config import Settings
 from ebsqs.envelope import Envelope, decode, encode
+from ebsqs.errors import QueueDoesNotExist
 from ebsqs.executors.execution import Job, Outcome, OutcomeKind
 from ebsqs.executors.inline import InlineExecutor
 from ebsqs.executors.thread import ThreadExecutor
@@ -226,4 +227,40 @@ def test_before_send_folds_every_middleware_over_each_new_message(
     assert seen == [("first", "stamped", None), ("second", "stamped", {"first": "1"})]
     [message] = MemoryBroker.named("sends").receive("stamped", 10, wait_seconds=0)
     assert decode(message.body).trace == {"first": "1", "second": "1"}
+    producer.broker_for.cache_clear()
+
+
+def test_a_keeper_takes_the_encoded_messages_and_the_queue_is_never_asked(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An outbox's seam: the messages it keeps are what would have been sent, and a kept send
+    needs no word with the queue (its size limit is not read), so it works while SQS is down."""
+    monkeypatch.setenv("EBSQS_BROKER_URL", "memory://kept")
+    monkeypatch.setenv("EBSQS_AUTO_CREATE_QUEUES", "false")  # a send to SQS would fail here
+    producer.broker_for.cache_clear()
+    kept: list[tuple[str, list[OutgoingMessage], list[str]]] = []
+
+    class Keep(Middleware):
+        def keeper(self, queue: str) -> middleware.Keeper | None:
+            if queue != "kept":
+                return None
+            return lambda messages, ids: kept.append((queue, list(messages), list(ids)))
+
+    middleware.add(Keep())
+    noop = task(name="noop", registry=TaskRegistry())(lambda x: None)
+    broker = MemoryBroker.named("kept")
+    asked: list[str] = []
+    body_limit = broker.body_limit
+    monkeypatch.setattr(
+        broker, "body_limit", lambda queue: asked.append(queue) or body_limit(queue)
+    )
+    ids = noop.send_with(queue_name="kept", delay=30).delay_many([(1,), (2,)])
+
+    [(queue, messages, task_ids)] = kept
+    assert queue == "kept" and task_ids == ids and asked == []
+    assert [decode(m.body).args for m in messages] == [(1,), (2,)]
+    assert all(m.delay == 30 for m in messages)
+    with pytest.raises(QueueDoesNotExist):
+        noop.send_with(queue_name="other").delay(3)  # not kept: sent, and the queue is missing
+    assert asked == ["other"]
     producer.broker_for.cache_clear()

@@ -112,11 +112,23 @@ HIGHER = {
     "core": ("ebsqs.cli", "ebsqs.contrib", "ebsqs.ops", "ebsqs.supervisor"),
     "ebsqs.supervisor": ("ebsqs.cli", "ebsqs.contrib", "ebsqs.ops"),
     "ebsqs.ops": ("ebsqs.cli", "ebsqs.contrib", "ebsqs.supervisor.master"),
+    # An application over ops (status documents) and the core, below the CLI that starts it;
+    # only its Django publisher's lookup reaches into contrib, when Django is set up.
+    "ebsqs.dashboard": ("ebsqs.cli", "ebsqs.supervisor.master"),
+    # Schedules and the decorator are core-like; the scheduler is a master extension, so the
+    # package sits beside the dashboard, over the supervisor's extension seam.
+    "ebsqs.periodic": ("ebsqs.cli", "ebsqs.contrib", "ebsqs.ops", "ebsqs.supervisor.master"),
 }
 
 
 def _layer(module: str) -> str:
-    for layer in ("ebsqs.supervisor", "ebsqs.ops", "ebsqs.contrib"):
+    for layer in (
+        "ebsqs.supervisor",
+        "ebsqs.ops",
+        "ebsqs.contrib",
+        "ebsqs.dashboard",
+        "ebsqs.periodic",
+    ):
         if module == layer or module.startswith(layer + "."):
             return layer
     return "ebsqs.cli" if module in ("ebsqs.cli", "ebsqs.__main__") else "core"

@@ -7,6 +7,9 @@ Errors (the app cannot work):
 - ``ebsqs.E002`` a queue name SQS would refuse (the prefix, the default queue).
 - ``ebsqs.E003`` an SQS broker with no region from the URL, the environment or AWS's config.
 
+- ``ebsqs.E004`` the durable outbox's settings are wrong (``outbox_database`` is not a key of
+  ``DATABASES``, a poll interval or backoff that is not a positive number).
+
 Warnings (it works, but probably not as intended):
 
 - ``ebsqs.W001`` pickled bodies are accepted: anyone who can send to a queue can run code.
@@ -17,6 +20,8 @@ Warnings (it works, but probably not as intended):
 - ``ebsqs.W004`` django-eb-sqs settings but no broker configured: ebsqs would use its embedded
   SQLite broker, not SQS (in ``us-east-1`` unless ``EB_AWS_REGION`` said otherwise) as
   django-eb-sqs did.
+- ``ebsqs.W005`` the durable outbox is on but its table is missing from its database (a
+  warning, not an error, so that ``migrate``, which runs the checks, can still create it).
 """
 
 from __future__ import annotations
@@ -165,3 +170,34 @@ def _configured_ebsqs(settings: Any) -> dict[str, Any]:
 
 def _error(number: int, message: str, hint: str) -> checks.Error:
     return checks.Error(message, hint=hint, id=f"ebsqs.E{number:03d}")
+
+
+def check_outbox(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """``ebsqs.E004`` and ``ebsqs.W005``: the durable outbox, when it is on (registered by the
+    app's ``ready()``). Looks at the database only then, and says nothing if it is unreachable
+    (``manage.py check`` must work without one)."""
+    from django.db import DatabaseError, connections
+
+    from ebsqs.contrib.django.models import OutboxMessage
+    from ebsqs.contrib.django.outbox import outbox_options
+
+    try:
+        options = outbox_options()
+    except ConfigurationError as exc:
+        return [_error(4, str(exc), "Fix the outbox keys of settings.EBSQS.")]
+    if not options.enabled:
+        return []
+    try:
+        tables = connections[options.alias].introspection.table_names()
+    except DatabaseError:
+        return []
+    if OutboxMessage._meta.db_table in tables:
+        return []
+    return [
+        checks.Warning(
+            f"EBSQS['outbox'] is on but the table {OutboxMessage._meta.db_table!r} is missing "
+            f"from database {options.alias!r}: every send inside a transaction will fail",
+            hint=f"Run `manage.py migrate ebsqs --database {options.alias}`.",
+            id="ebsqs.W005",
+        )
+    ]

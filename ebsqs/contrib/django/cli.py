@@ -12,7 +12,9 @@ from typing import Any
 import click
 from django.core.management import CommandError, CommandParser
 
+from ebsqs.cli import log_options
 from ebsqs.errors import EbsqsError, ExitCode, exit_code_for
+from ebsqs.log import LogFormat
 
 
 def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
@@ -27,6 +29,7 @@ def run_cli(argv: Sequence[str], prog_name: str = "manage.py ebsqs") -> None:
     """
     from ebsqs.cli import main
 
+    add_django_commands()
     try:
         with logging_precedence():
             code = main.main(args=list(argv), prog_name=prog_name, standalone_mode=False)
@@ -80,7 +83,68 @@ def has_command(name: str) -> bool:
     """Whether the ``ebsqs`` command line has a (top-level) command of that name."""
     from ebsqs.cli import main
 
+    add_django_commands()
     return name in main.commands
+
+
+def add_django_commands() -> None:
+    """Add the commands that only make sense with Django set up (``outbox``) to the ``ebsqs``
+    command line, once; ``ebsqs`` outside ``manage.py`` never has them."""
+    from ebsqs.cli import main
+
+    if "outbox" not in main.commands:
+        main.add_command(outbox)
+
+
+@click.group()
+def outbox() -> None:
+    """The durable outbox (EBSQS["outbox"]): sends kept in database transactions."""
+
+
+@outbox.command("relay")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="Send what is due now, then exit (status 1 if a row failed or another relay holds "
+    "the lease).",
+)
+@log_options
+def outbox_relay(once: bool, log_format: LogFormat, log_level: str) -> None:
+    """Send the outbox's rows to SQS until SIGTERM or SIGINT (a last pass, then exit).
+
+    A supervisor (`manage.py ebsqs supervise`, `manage.py process_queue`) runs a relay already;
+    this one is for hosts without one, or for draining by hand (--once). Several relays may run
+    at once: on PostgreSQL they share the rows, elsewhere one holds a lease and the others wait.
+    """
+    import signal
+    import threading
+
+    from ebsqs import log
+    from ebsqs.config import load_settings
+    from ebsqs.contrib.django import outbox as box
+
+    log.configure(log_format, log_level, role="outbox-relay")
+    options = box.outbox_options()
+    relay = box.Relay(load_settings(), options.alias, max_backoff=options.max_backoff)
+    if once:
+        result = relay.drain()
+        click.echo(f"sent {result.sent}, failed {result.failed}")
+        if result.failed or result.leased_elsewhere:
+            raise click.exceptions.Exit(ExitCode.ERROR)
+        return
+    stop = threading.Event()
+    waker = box.Waker(options.alias, box.poll_interval(options.alias, options))
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()  # only record it; the loop makes its last pass and ends
+        waker.nudge()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    try:
+        box.run_relay(relay, waker, stop)
+    finally:
+        waker.close()
 
 
 #: Options every Django command has; an ebsqs option spelled the same is left out.

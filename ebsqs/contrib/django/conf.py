@@ -27,7 +27,19 @@ from ebsqs.errors import ConfigurationError
 #: ``send_on_commit``: ``.delay()`` inside ``transaction.atomic()`` sends when it commits.
 #: ``retry_database_errors``: a task that failed because its database connection dropped is
 #: retried (within its ``max_retries``) instead of dead-lettered.
-DJANGO_ONLY: dict[str, Any] = {"send_on_commit": False, "retry_database_errors": True}
+#: ``outbox``: sends inside a transaction on ``outbox_database`` are written to the durable
+#: outbox in that transaction and relayed to SQS after it commits
+#: (:mod:`ebsqs.contrib.django.outbox`); ``outbox_poll_interval`` is the relay's seconds between
+#: looks at the table (None: 5 on PostgreSQL, which also wakes it on commit, 1 elsewhere);
+#: ``outbox_max_backoff`` caps the seconds a row waits after a failed send.
+DJANGO_ONLY: dict[str, Any] = {
+    "send_on_commit": False,
+    "retry_database_errors": True,
+    "outbox": False,
+    "outbox_database": "default",
+    "outbox_poll_interval": None,
+    "outbox_max_backoff": 60.0,
+}
 
 #: django-eb-sqs's region setting: it always talked to SQS, in this region (us-east-1 by default).
 LEGACY_REGION = "EB_AWS_REGION"

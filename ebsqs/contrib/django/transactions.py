@@ -8,6 +8,11 @@ the same for every ``.delay()`` made inside ``atomic()``; outside one, sends hap
 
 The transaction waited for is the open one: the default database's if it has one, else that of
 the first other database inside ``atomic()``.
+
+With the durable outbox on (``EBSQS = {"outbox": True}``) and a transaction open on its database,
+neither waits: the send is written to the outbox in that transaction at once
+(:mod:`ebsqs.contrib.django.outbox`), so it commits or rolls back with it and survives the
+process dying after the commit.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import functools
 from collections.abc import Callable
 
 from ebsqs.contrib.django.conf import django_option
+from ebsqs.contrib.django.outbox import keeping_alias
 from ebsqs.middleware import Middleware
 
 
@@ -25,9 +31,12 @@ class SendOnCommit(Middleware):
     def send_later(self, *, on_commit: bool) -> Callable[[Callable[[], object]], None] | None:
         """``.delay_on_commit()`` always waits for the open transaction (it runs at once
         outside one); a plain ``.delay()`` inside ``atomic()`` waits too when
-        ``EBSQS["send_on_commit"]`` is set."""
+        ``EBSQS["send_on_commit"]`` is set. With the outbox on and a transaction open on its
+        database, neither waits: the send goes to the outbox now, in that transaction."""
         from django.db import DEFAULT_DB_ALIAS
 
+        if keeping_alias() is not None:
+            return None  # the producer sends now, into the outbox, in the open transaction
         alias = open_transaction()
         if not on_commit and (alias is None or not django_option("send_on_commit")):
             return None
