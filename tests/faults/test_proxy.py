@@ -6,6 +6,7 @@ error a client meets on its first try.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -117,11 +118,23 @@ def test_a_dropped_request_never_reaches_the_server(
 
 
 def test_refused_then_restored(proxy: ChaosProxy, sqs: Any, queue_url: str) -> None:
-    proxy.refuse(0.5)
-    fresh = client(proxy.endpoint)  # a new pool: a new connection, refused
+    fresh = client(proxy.endpoint)  # a new pool: its first request opens a connection
+    proxy.refuse(1.5)  # made before: building a client can take longer than the refusal
+    wait_until(lambda: _port_refuses(proxy.port), 1, message="the port never closed")
     with pytest.raises(EndpointConnectionError):
         fresh.list_queues()
     wait_until(lambda: _answers(fresh), 5, interval=0.05)
+
+
+def _port_refuses(port: int) -> bool:
+    """Whether a connection to ``port`` is refused (the proxy closes it within a tick)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _answers(sqs: Any) -> bool:

@@ -5,9 +5,8 @@ other side of the queue, both ways.
 Messages are sent and received with a plain boto3 SQS client, as the wire carries them
 (``ExtendedPayloadSize`` as an SQS ``Number``), so these tests fix the format, not a broker.
 
-Importing ``sqs_extended_client`` replaces ``boto3.session.Session`` (and ``boto3.Session``, and
-the default session) for the whole process, turning every SQS client made afterwards into an
-Extended Client. It is imported only through :func:`extended_client`, which puts boto3 back.
+The Extended Client comes from :func:`tests.extended.session_class`, which undoes what its import
+does to boto3 for the whole process.
 """
 
 from __future__ import annotations
@@ -37,6 +36,7 @@ from ebsqs.payload import (
     PayloadUnavailable,
 )
 from tests import servers
+from tests.extended import session_class
 
 pytestmark = [pytest.mark.fauxqs, pytest.mark.timeout(60)]
 
@@ -87,13 +87,7 @@ def payloads(bucket: str) -> Iterator[Payloads]:
 
 def extended_client(bucket: str) -> Any:
     """AWS's Extended Client: a boto3 SQS client patched to offload to ``bucket``."""
-    saved = boto3.session.Session, boto3.Session, boto3.DEFAULT_SESSION
-    try:
-        from sqs_extended_client.client import SQSExtendedClientSession
-    finally:
-        # Undo the import's patch, so no other client in this process is an Extended Client.
-        boto3.session.Session, boto3.Session, boto3.DEFAULT_SESSION = saved  # type: ignore[misc]
-    session = SQSExtendedClientSession(region_name=servers.REGION)  # type: ignore[no-untyped-call]
+    session = session_class()(region_name=servers.REGION)
     client: Any = session.client("sqs")
     client.large_payload_support = bucket
     assert not hasattr(boto3.session.Session().client("sqs"), "large_payload_support")

@@ -31,7 +31,7 @@ from ebsqs.errors import (
     PartialBatchError,
     QueueDoesNotExist,
 )
-from tests import servers
+from tests import extended, servers
 
 Handler = Callable[[dict[str, Any]], AWSResponse | None]
 
@@ -697,10 +697,9 @@ def test_an_app_that_imported_the_extended_client_still_gets_a_plain_sqs_client(
     """Importing ``sqs_extended_client`` swaps ``boto3.session.Session`` for the process; an
     Extended Client would fetch pointers itself, from any bucket, and rewrite receipt handles."""
     import boto3
-    from sqs_extended_client.client import SQSExtendedClientSession
 
     saved = boto3.session.Session, boto3.Session
-    boto3.session.Session = boto3.Session = SQSExtendedClientSession  # what its import does
+    boto3.session.Session = boto3.Session = extended.session_class()  # what its import does
     try:
         broker = SQSBroker()
         queue = unique_queue()
