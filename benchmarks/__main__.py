@@ -19,7 +19,7 @@ from ebsqs import log
 from tests import servers
 
 #: Benchmark modules, in the order they run; each may not exist yet.
-MODULES = ("worker", "supervisor", "executors", "fifo")
+MODULES = ("worker", "supervisor", "executors", "fifo", "delays", "latency", "outbox")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,6 +67,8 @@ def as_results(results: Sequence[Result] | Mapping[str, float]) -> list[Result]:
 
 
 def print_table(results: Sequence[Result]) -> None:
+    if not results:
+        return
     width = max(len(result.name) for result in results)
     for result in results:
         verdict = {True: "ok", False: "MISSED", None: ""}[result.met]

@@ -75,7 +75,10 @@ class Group:
     sessions would get four shares on a busy machine where one supervisor gets one.
     """
 
-    def __init__(self, commands: Sequence[list[str]], env: dict[str, str]) -> None:
+    def __init__(
+        self, commands: Sequence[list[str]], env: dict[str, str], discard_logs: bool = False
+    ) -> None:
+        """Start ``commands``; with ``discard_logs`` their stderr (info logs) goes to /dev/null."""
         self.errors = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
         script = " ".join(f"{shlex.join(command)} &" for command in commands) + " wait"
         self.shell = subprocess.Popen(
@@ -83,7 +86,7 @@ class Group:
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,
-            stderr=self.errors,
+            stderr=subprocess.DEVNULL if discard_logs else self.errors,
             start_new_session=True,
         )
         self.size = len(commands)
@@ -138,18 +141,22 @@ class Group:
 
 
 @contextlib.contextmanager
-def started(commands: Sequence[list[str]], env: dict[str, str]) -> Iterator[Group]:
-    group = Group(commands, env)
+def started(
+    commands: Sequence[list[str]], env: dict[str, str], discard_logs: bool = False
+) -> Iterator[Group]:
+    group = Group(commands, env, discard_logs)
     try:
         yield group
     finally:
         group.stop()
 
 
-def supervise_command(queue: str, app: str = "benchmarks.tasks") -> list[str]:
+def supervise_command(
+    queue: str, app: str = "benchmarks.tasks", log_level: str = "warning"
+) -> list[str]:
     return [
         sys.executable, "-m", "ebsqs", "supervise", "--app", app, "--queues", f"{queue}:{CHILDREN}",
-        "--log-level", "warning", "--log-format", "json",
+        "--log-level", log_level, "--log-format", "json",
     ]  # fmt: skip
 
 
@@ -163,21 +170,23 @@ def worker_command(queue: str) -> list[str]:
 # -- (a) -------------------------------------------------------------------------------------
 
 
-def drain(bench: Bench, commands: Callable[[str, str], Sequence[list[str]]]) -> Drain:
+def drain(
+    bench: Bench, commands: Callable[[str, str], Sequence[list[str]]], discard_logs: bool = False
+) -> Drain:
     """Pre-load a fresh queue, start the consumers, and measure the middle 80 % of the drain."""
     name, url = bench.queue("supervise")
     try:
         bench.preload(url)
         total = len(bench.bodies)
-        with started(commands(name, url), bench.env) as group:
-            t0, cpu0 = _when(bench, url, group, lambda left: left <= total * 0.9)
-            t1, cpu1 = _when(bench, url, group, lambda left: left <= total * 0.1)
+        with started(commands(name, url), bench.env, discard_logs) as group:
+            t0, cpu0 = when(bench, url, group, lambda left: left <= total * 0.9)
+            t1, cpu1 = when(bench, url, group, lambda left: left <= total * 0.1)
         return Drain(round(total * 0.8), t1 - t0, cpu1 - cpu0)
     finally:
         bench.client.delete_queue(QueueUrl=url)
 
 
-def _when(
+def when(
     bench: Bench, url: str, group: Group, condition: Callable[[int], bool]
 ) -> tuple[float, float]:
     """Poll the queue until ``condition(remaining)``; then the clock and the group's CPU."""
@@ -256,8 +265,8 @@ def recovery(bench: Bench, scale: Scale) -> list[Result]:
         }
         try:
             with started([supervise_command(name, app="sup_tasks")], env) as group:
-                master = _wait_for(group.tops)[0]
-                _children(master, wait_for=CHILDREN)
+                master = wait_for_any(group.tops)[0]
+                consuming_children(master, wait_for=CHILDREN)
                 restarts = _kill_to_work(bench, url, master, record, scale.kills)
                 idle = _idle_cpu(bench, url, master, scale.idle_seconds)
                 pss, rss = _memory(master)
@@ -286,7 +295,7 @@ def recovery(bench: Bench, scale: Scale) -> list[Result]:
     ]
 
 
-def _wait_for(get: Callable[[], list[psutil.Process]]) -> list[psutil.Process]:
+def wait_for_any(get: Callable[[], list[psutil.Process]]) -> list[psutil.Process]:
     deadline = time.monotonic() + 10
     while not (found := get()):
         if time.monotonic() > deadline:
@@ -295,7 +304,7 @@ def _wait_for(get: Callable[[], list[psutil.Process]]) -> list[psutil.Process]:
     return found
 
 
-def _children(master: psutil.Process, wait_for: int = 0) -> dict[int, str]:
+def consuming_children(master: psutil.Process, wait_for: int = 0) -> dict[int, str]:
     """``{pid: state}`` of the master's consuming children; waits until ``wait_for`` are."""
     deadline = time.monotonic() + 30
     while True:
@@ -323,13 +332,13 @@ def _kill_to_work(
     plain.send(bench.client, url, bodies)
     seconds = []
     for _ in range(kills):
-        before = set(_children(master, wait_for=CHILDREN))
+        before = set(consuming_children(master, wait_for=CHILDREN))
         victim = _first_worker(record, before)
         os.kill(victim, signal.SIGKILL)
         killed_at = time.time()
         deadline = time.monotonic() + 30
         while True:
-            new = set(_children(master)) - before
+            new = set(consuming_children(master)) - before
             first = _first_start(record, new) if new else None
             if first is not None:
                 seconds.append(first - killed_at)
@@ -341,11 +350,17 @@ def _kill_to_work(
     return seconds
 
 
+def _whole_lines(record: Path) -> list[str]:
+    """The record's finished lines: a read may see part of a child's write in progress."""
+    text = record.read_text()
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
 def _first_worker(record: Path, pids: set[int]) -> int:
     """A child among ``pids`` that has run a task (waiting until one has)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for line in record.read_text().splitlines():
+        for line in _whole_lines(record):
             pid = int(line.split()[1])
             if pid in pids:
                 return pid
@@ -354,7 +369,7 @@ def _first_worker(record: Path, pids: set[int]) -> int:
 
 
 def _first_start(record: Path, pids: set[int]) -> float | None:
-    for line in record.read_text().splitlines():
+    for line in _whole_lines(record):
         event, pid, *_, at = line.split()[:7]
         if event == "start" and int(pid) in pids:
             return float(at)
@@ -366,7 +381,7 @@ def _idle_cpu(bench: Bench, url: str, master: psutil.Process, seconds: float) ->
     deadline = time.monotonic() + RUN_TIMEOUT
     while sum(bench.counts(url)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    _children(master, wait_for=CHILDREN)
+    consuming_children(master, wait_for=CHILDREN)
     before = master.cpu_times()
     time.sleep(seconds)
     after = master.cpu_times()
@@ -377,7 +392,7 @@ def _idle_cpu(bench: Bench, url: str, master: psutil.Process, seconds: float) ->
 def _memory(master: psutil.Process) -> tuple[list[float], list[float]]:
     """PSS and RSS of each child, in MiB."""
     pss, rss = [], []
-    for pid in _children(master, wait_for=CHILDREN):
+    for pid in consuming_children(master, wait_for=CHILDREN):
         info = psutil.Process(pid).memory_full_info()
         pss.append(info.pss / 2**20)
         rss.append(info.rss / 2**20)
