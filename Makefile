@@ -7,7 +7,7 @@ TOOLS  := .tools
 FAUXQS := $(TOOLS)/node_modules/fauxqs/package.json
 STAMP  := $(VENV)/.installed
 
-.PHONY: install tools run test test-django-versions lint typecheck bench soak fmt clean
+.PHONY: install tools browser run test test-django-versions lint typecheck bench soak fmt clean
 
 install: $(STAMP)
 
@@ -28,11 +28,27 @@ $(FAUXQS):
 		|| echo "warning: npm could not install fauxqs; fauxqs tests will be skipped"; \
 	else echo "warning: npm not found; fauxqs tests will be skipped"; fi
 
+# Debian's chromium and chromium-driver, for the dashboard's browser tests (tests/dashboard):
+# installed with apt-get when this runs as root (about 120 MB, under a minute from a near
+# mirror); otherwise skipped, and those tests skip saying why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+		|| (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1)) \
+		|| echo "warning: apt-get could not install chromium; browser tests will be skipped"; \
+	else echo "warning: no chromium/chromedriver (and not root with apt-get); browser tests will be skipped"; fi
+
 run: install
 	$(PY) -m examples.run
 
-test: install tools
-	$(PY) -m pytest -q
+# Two pytest processes: most tests wait on subprocesses and servers, not the CPU (load stays
+# under 1 serially), so two halve the wall time. A file's tests stay in one process
+# (--dist loadfile), so a module's servers start once. TEST_JOBS=0 runs serially.
+TEST_JOBS ?= 2
+
+test: install tools browser
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 # The Django suite on Django 4.2 LTS (Python 3.11) and 6.0 (Python 3.12), each in its own venv;
 # `make test` covers 5.2. A Python missing here is skipped with a reason. CI runs both.
