@@ -76,6 +76,12 @@ PAYLOAD_RETRY_SECONDS = 10
 #: cores, each boto3 call cost half as much again: 1.7x the plain loop's CPU per task, against
 #: 1.05x with every call in the loop's thread).
 PIPELINE_RTT = 0.008
+#: Receives (that brought messages) whose fastest round trip is the worker's measure of the
+#: broker's distance. The fastest, not the average: on a busy host a near broker's answers
+#: queue behind the CPU (a 2-core machine running the server, the worker and more measured
+#: averages past 8 ms), but some still come back at once; a far broker's never come faster
+#: than the network's round trip.
+RTT_WINDOW = 20
 #: The fewest messages a receive asks for while the worker holds messages or a receive is under
 #: way. Asking for what just became free (one or two messages at a time) cost twice the plain
 #: loop's CPU per task at 15 ms; half a batch costs 1.4 times, at the same throughput.
@@ -169,7 +175,8 @@ class Worker:
         self._receive_after = 0.0  # monotonic: no receive before (a backoff after failures)
         self._started = 0
         self._backlog = False  # the last receive brought messages: more may be waiting
-        self._rtt = 0.0  # seconds, a moving average of receives that brought messages
+        self._rtt = 0.0  # seconds: the fastest of the last RTT_WINDOW receives with messages
+        self._round_trips: deque[float] = deque(maxlen=RTT_WINDOW)
         # FIFO order is counted by receives: two in flight could hand a group's next message to
         # one while its head goes back through the other, using up a receive without a run.
         self._one_receive = any(is_fifo(settings.physical_queue(queue)) for queue in options.queues)
@@ -490,7 +497,8 @@ class Worker:
         self.counters.received += len(receipt.messages)
         self._backlog = bool(receipt.messages)
         if receipt.messages:
-            self._rtt = receipt.took if not self._rtt else 0.8 * self._rtt + 0.2 * receipt.took
+            self._round_trips.append(receipt.took)
+            self._rtt = min(self._round_trips)
             self._settler.deletes_here = self._rtt < PIPELINE_RTT
         if not receipt.messages:
             self.counters.empty_receives += 1

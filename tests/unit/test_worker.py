@@ -971,3 +971,47 @@ def test_a_task_that_hung_a_process_runs_last_and_alone_once_it_comes_back(
     receive(limited)
     limited._start_pending()  # with a hard limit, the master stops it in time: order kept
     assert runs == [("ok", "limited"), ("ok", "after")]
+
+
+class _Loaded(MemoryBroker):
+    """A broker on a busy host: ``slow`` of every four receives wait ``seconds`` for the CPU,
+    the others answer at once. Records the thread each receive ran in."""
+
+    def __init__(self, slow: int, seconds: float = 0.012) -> None:
+        super().__init__()
+        self.slow, self.seconds, self.calls = slow, seconds, 0
+        self.threads: list[str] = []
+
+    def receive(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def,override]
+        import threading
+
+        self.calls += 1
+        self.threads.append(threading.current_thread().name)
+        if self.calls % 4 < self.slow:
+            time.sleep(self.seconds)  # the latency being simulated, not a synchronisation
+        return super().receive(*args, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("slow", "near"), [(3, True), (4, False)])
+def test_a_broker_is_near_when_some_of_its_answers_are_fast(
+    reg: TaskRegistry, slow: int, near: bool
+) -> None:
+    """Three answers in four slowed past 8 ms by a busy CPU still leave the broker near: the
+    loop receives and deletes itself (no thread hand-offs). Only when none comes back fast is
+    it far, and the receives go to the receiver threads."""
+    broker = _Loaded(slow)
+    task(name="brief", registry=reg)(lambda: None)
+    put(broker, *(body("brief") for _ in range(200)))
+    worker = make_worker(broker, reg)
+    wait_until(
+        lambda: worker.loop_once() or worker.counters.total("succeeded") == 200, 20, interval=0
+    )
+    worker.drain()
+    later = broker.threads[len(broker.threads) // 2 : -2]  # past the first window, not the drain
+    in_loop = sum(name == "MainThread" for name in later)
+    assert worker._settler.deletes_here is near
+    if near:
+        assert in_loop == len(later), broker.threads
+    else:
+        assert in_loop == 0, broker.threads
