@@ -184,6 +184,10 @@ class Worker:
         #: ``ExitCode.OVERRUN``.
         self.overran = False
         self._queues = cycle(options.queues)
+        # Looked up per message otherwise: the settings' limits per queue, and per task function
+        # whether it is a coroutine function (inspect.unwrap walks its wrappers).
+        self._time_limits: dict[str, tuple[float | None, float | None]] = {}
+        self._async_functions: dict[Callable[..., object], bool] = {}
         self._runs_here = executor.capabilities.runs_in_loop_thread
         self._pulse = Pulse()
         # The producer's, shared: one S3 client per process for unpacking and for the retries
@@ -561,18 +565,32 @@ class Worker:
             self._settler.hop(held, envelope)
             self._yield_group(held)
             return
-        hard, soft = self.settings.time_limits_for(held.queue)
+        hard, soft = self._limits_of(held.queue)
         held.job = Job(
             key=held.message.message_id,
             envelope=envelope,
             queue=held.queue,
             time_limit=task.time_limit if task.time_limit is not None else hard,
             soft_time_limit=task.soft_time_limit if task.soft_time_limit is not None else soft,
-            is_async=inspect.iscoroutinefunction(inspect.unwrap(task.fn)),
+            is_async=self._is_async(task.fn),
         )
         if self._suspect(held):
             self._suspects += 1
         self._pending.append(held)
+
+    def _limits_of(self, queue: str) -> tuple[float | None, float | None]:
+        """The queue's default (hard, soft) time limits, parsed from the settings once."""
+        limits = self._time_limits.get(queue)
+        if limits is None:
+            limits = self._time_limits[queue] = self.settings.time_limits_for(queue)
+        return limits
+
+    def _is_async(self, fn: Callable[..., object]) -> bool:
+        """Whether a task's function is a coroutine function, looked up once per function."""
+        known = self._async_functions.get(fn)
+        if known is None:
+            known = self._async_functions[fn] = inspect.iscoroutinefunction(inspect.unwrap(fn))
+        return known
 
     def _start_pending(self) -> None:
         while self._pending and self.executor.free_slots() > 0 and not self._stopping.is_set():
@@ -611,8 +629,11 @@ class Worker:
                 # no limit is named, so that the master can list it if it hangs this process.
                 self._beat_now(brief=True)
             if self._runs_here:
-                with self._pulse.blocked():
+                self._pulse.enter()  # this is the loop's thread: no context manager per task
+                try:
                     self.executor.submit(held.job)
+                finally:
+                    self._pulse.leave()
             else:
                 self.executor.submit(held.job)
             # Inline jobs finish inside submit(): settle each at once, so a crash later in the

@@ -57,6 +57,16 @@ class Pulse:
             self._blocked -= 1
             self._at = time.monotonic()
 
+    def enter(self) -> None:
+        """:meth:`blocked` without a context manager, for the loop's own thread on its per-task
+        path (an inline task): :meth:`leave` must follow, in a ``finally``."""
+        self._blocked += 1
+
+    def leave(self) -> None:
+        """End what :meth:`enter` began."""
+        self._blocked -= 1
+        self._at = time.monotonic()
+
     def block(self) -> None:
         """The loop's thread blocks from now on (a drain that ends the process)."""
         self._blocked += 1
