@@ -369,7 +369,12 @@ class Worker:
         if self.executor.running():
             return self.executor.collect(wait)
         if wait > 0:
-            self._settler.flush_acks()  # nothing to run: what finished need not wait for nine
+            if self._rtt < PIPELINE_RTT:
+                # Nothing to run: what finished need not wait for nine more on a near broker
+                # (a plain loop deletes each batch it ran). On a far one deletes go out from
+                # the sender's threads: a batch once ten are due, or the keeper's once the
+                # oldest waited ack_wait; a request per ten messages, not one per receipt.
+                self._settler.flush_acks()
             with self._pulse.blocked():
                 if self._receiver.in_flight:
                     self._take_receipts(wait)
@@ -609,36 +614,45 @@ class Worker:
             if decision.action is not Action.RUN:
                 self._hold_back(held, decision)
                 continue
-            if held.group is not None:
-                self._running_groups.add(held.group)
-                # The message before it in its group may await its delete: a crash now would
-                # run that one again after this one. FIFO order wins over batching deletes.
-                self._settler.flush_acks_of(held.group)
-            self._started += 1
-            held.start(time.monotonic())
-            self.state = WorkerState.BUSY
-            may_hang = self._may_hang(held)
-            if may_hang:
-                # Should it hang this process, what finished before it must not run again.
-                self._settler.flush_acks()
-                self._settler.wait_acks()
-            if held.deadline is not None or may_hang:
-                # Tell the master the deadline from this thread, before the task starts: a task
-                # that holds the GIL silences every other thread, heartbeats included. Brief:
-                # this is on the path of every task with a limit. A task that came back and has
-                # no limit is named, so that the master can list it if it hangs this process.
-                self._beat_now(brief=True)
-            if self._runs_here:
-                self._pulse.enter()  # this is the loop's thread: no context manager per task
-                try:
-                    self.executor.submit(held.job)
-                finally:
-                    self._pulse.leave()
-            else:
-                self.executor.submit(held.job)
+            self._start(held)
             # Inline jobs finish inside submit(): settle each at once, so a crash later in the
             # batch never repeats finished work (the deletes still go out ten at a time).
             self._settle(self.executor.collect(0))
+            if self._runs_here and self._rtt >= PIPELINE_RTT:
+                # A far broker: what the tasks run so far freed is asked for now, while the
+                # rest of the batch runs, not after it (a round trip each batch otherwise).
+                self._request_messages()
+
+    def _start(self, held: Held) -> None:
+        """Hand one message's job to the executor (an inline one runs it before returning)."""
+        assert held.job is not None
+        if held.group is not None:
+            self._running_groups.add(held.group)
+            # The message before it in its group may await its delete: a crash now would run
+            # that one again after this one. FIFO order wins over batching deletes.
+            self._settler.flush_acks_of(held.group)
+        self._started += 1
+        held.start(time.monotonic())
+        self.state = WorkerState.BUSY
+        may_hang = self._may_hang(held)
+        if may_hang:
+            # Should it hang this process, what finished before it must not run again.
+            self._settler.flush_acks()
+            self._settler.wait_acks()
+        if held.deadline is not None or may_hang:
+            # Tell the master the deadline from this thread, before the task starts: a task
+            # that holds the GIL silences every other thread, heartbeats included. Brief: this
+            # is on the path of every task with a limit. A task that came back and has no limit
+            # is named, so that the master can list it if it hangs this process.
+            self._beat_now(brief=True)
+        if self._runs_here:
+            self._pulse.enter()  # this is the loop's thread: no context manager per task
+            try:
+                self.executor.submit(held.job)
+            finally:
+                self._pulse.leave()
+        else:
+            self.executor.submit(held.job)
 
     def _next_startable(self) -> Held | None:
         """The next message to start, taken out (see :meth:`_startable_index`)."""

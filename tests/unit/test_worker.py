@@ -1015,3 +1015,42 @@ def test_a_broker_is_near_when_some_of_its_answers_are_fast(
         assert in_loop == len(later), broker.threads
     else:
         assert in_loop == 0, broker.threads
+
+
+@pytest.mark.timeout(30)
+def test_an_inline_worker_on_a_far_broker_asks_for_what_its_batch_frees_while_it_runs(
+    reg: TaskRegistry,
+) -> None:
+    """Issue 15 item 2: at a 20 ms round trip the next receive goes out while the rest of the
+    batch runs (not after it), the bound (capacity 1 plus one batch) holds, and deletes still
+    go out ten at a time."""
+    holding: list[int] = []
+    acks: list[int] = []
+
+    class Distant(MemoryBroker):
+        def receive(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def,override]
+            holding.append(len(worker._held))  # what the worker held as this receive went out
+            time.sleep(0.02)  # the round trip being simulated, not a synchronisation
+            return super().receive(*args, **kwargs)  # type: ignore[arg-type]
+
+        def ack(self, messages):  # type: ignore[no-untyped-def]
+            acks.append(len(messages))
+            return super().ack(messages)
+
+    broker = Distant()
+    task(name="brief", registry=reg)(lambda: time.sleep(0.001))
+    put(broker, *(body("brief") for _ in range(200)))
+    worker = make_worker(broker, reg)
+    peak = 0
+
+    def step() -> bool:
+        nonlocal peak
+        worker.loop_once()
+        peak = max(peak, len(worker._held))
+        return worker.counters.total("succeeded") == 200
+
+    wait_until(step, 20, interval=0)
+    worker.drain()
+    assert max(peak, *holding) <= 1 + 10
+    assert sum(held > 0 for held in holding) >= len(holding) // 2, holding  # overlapped
+    assert sum(acks) == 200 and acks.count(10) >= 18, acks
