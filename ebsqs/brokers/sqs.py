@@ -89,12 +89,15 @@ E = TypeVar("E")
 #: botocore settings ebsqs uses unless the caller merges its own over them. ``max_attempts``
 #: counts retries (six attempts in all), spaced by botocore's jittered exponential backoff.
 #: The read timeout must outlast a 20 s long poll; the pool is shared by the threads of a
-#: thread executor.
+#: thread executor. No parameter validation: ebsqs builds every request itself, from values it
+#: checked (:mod:`.checks`), and botocore's walk of the request's shapes cost 9 us a receive
+#: and 36 us a batch of ten deletes, about 2 % of a no-op task's CPU.
 DEFAULT_CONFIG = Config(
     retries={"mode": "standard", "max_attempts": 5},
     connect_timeout=5,
     read_timeout=30,
     max_pool_connections=50,
+    parameter_validation=False,
 )
 #: Deletes and visibility changes: answered in milliseconds when SQS is reachable, so a short
 #: timeout and three attempts in all. Through a network blackhole the keeper's thread is free
@@ -105,6 +108,7 @@ SETTLE_CONFIG = Config(
     connect_timeout=2,
     read_timeout=3,
     max_pool_connections=50,
+    parameter_validation=False,
 )
 _MAIN, _SETTLE = "main", "settle"
 
