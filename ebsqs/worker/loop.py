@@ -618,10 +618,6 @@ class Worker:
             # Inline jobs finish inside submit(): settle each at once, so a crash later in the
             # batch never repeats finished work (the deletes still go out ten at a time).
             self._settle(self.executor.collect(0))
-            if self._runs_here and self._rtt >= PIPELINE_RTT:
-                # A far broker: what the tasks run so far freed is asked for now, while the
-                # rest of the batch runs, not after it (a round trip each batch otherwise).
-                self._request_messages()
 
     def _start(self, held: Held) -> None:
         """Hand one message's job to the executor (an inline one runs it before returning)."""

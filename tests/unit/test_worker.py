@@ -1018,20 +1018,22 @@ def test_a_broker_is_near_when_some_of_its_answers_are_fast(
 
 
 @pytest.mark.timeout(30)
-def test_an_inline_worker_on_a_far_broker_asks_for_what_its_batch_frees_while_it_runs(
+def test_an_inline_worker_on_a_far_broker_deletes_ten_at_a_time_though_receives_bring_fewer(
     reg: TaskRegistry,
 ) -> None:
-    """Issue 15 item 2: at a 20 ms round trip the next receive goes out while the rest of the
-    batch runs (not after it), the bound (capacity 1 plus one batch) holds, and deletes still
-    go out ten at a time."""
+    """Issue 15: at a 20 ms round trip the worker holds at most its capacity (1) plus one batch,
+    and though each receive brings four, its deletes go out ten at a time: waiting for the next
+    receipt does not flush a part-filled batch (the keeper's ack_wait bounds how long one
+    waits)."""
     holding: list[int] = []
     acks: list[int] = []
 
     class Distant(MemoryBroker):
-        def receive(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def,override]
+        def receive(self, queue, max_messages, *args, **kwargs):  # type: ignore[no-untyped-def,override]
             holding.append(len(worker._held))  # what the worker held as this receive went out
             time.sleep(0.02)  # the round trip being simulated, not a synchronisation
-            return super().receive(*args, **kwargs)  # type: ignore[arg-type]
+            # As SQS often does, answer with fewer than asked for, though more are waiting.
+            return super().receive(queue, min(max_messages, 4), *args, **kwargs)
 
         def ack(self, messages):  # type: ignore[no-untyped-def]
             acks.append(len(messages))
@@ -1052,5 +1054,4 @@ def test_an_inline_worker_on_a_far_broker_asks_for_what_its_batch_frees_while_it
     wait_until(step, 20, interval=0)
     worker.drain()
     assert max(peak, *holding) <= 1 + 10
-    assert sum(held > 0 for held in holding) >= len(holding) // 2, holding  # overlapped
-    assert sum(acks) == 200 and acks.count(10) >= 18, acks
+    assert sum(acks) == 200 and acks.count(10) >= 15, acks
