@@ -23,7 +23,10 @@ Measured in one run, ratios of medians, the kinds alternating ABC CBA within eac
 
 from __future__ import annotations
 
+import json
 import math
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +42,7 @@ from benchmarks import Drain, Result, median_drain
 from benchmarks import supervisor as sup
 from benchmarks.counting_proxy import RequestCounter, counting_proxy
 from benchmarks.tasks import LEDGER_VARIABLE, record
-from benchmarks.worker import VERBOSE, Bench
+from benchmarks.worker import ROOT, VERBOSE, Bench
 from benchmarks.worker import Scale as WorkerScale
 from ebsqs.envelope import Envelope, encode
 
@@ -62,6 +65,8 @@ class Scale:
     rounds: int
     scale_out_tasks: int
     idle_seconds: float
+    #: Messages per run of :func:`in_one_process`.
+    in_process: int
 
 
 #: At 0 ms a drain must last seconds, not one: four children start one after the other, and a
@@ -70,10 +75,20 @@ class Scale:
 #: Three rounds: on a shared 2-core machine one run in six came out 20 % slow, and the median
 #: of two is their mean.
 FULL = Scale(
-    single=(10_000, 2000), group=(20_000, 3000), rounds=3, scale_out_tasks=20_000, idle_seconds=60
+    single=(10_000, 2000),
+    group=(20_000, 3000),
+    rounds=3,
+    scale_out_tasks=20_000,
+    idle_seconds=60,
+    in_process=5000,
 )
 QUICK = Scale(
-    single=(1000, 300), group=(2000, 600), rounds=1, scale_out_tasks=4000, idle_seconds=20
+    single=(1000, 300),
+    group=(2000, 600),
+    rounds=1,
+    scale_out_tasks=4000,
+    idle_seconds=20,
+    in_process=500,
 )
 
 
@@ -194,6 +209,35 @@ def compared(
                 drain.cpu_per_1000 / base.cpu_per_1000,
                 goals.get(f"cpu {kind}"),
                 f"{drain.cpu_per_1000:.3f} vs {base.cpu_per_1000:.3f} CPU s per 1,000",
+            )
+        )
+    return results
+
+
+def in_one_process(lap: Leg, messages: int, rounds: int) -> list[Result]:
+    """CPU per task of a ``Worker`` / the plain loop, alternating in one process
+    (:mod:`benchmarks.inprocess`), at both log levels; medians of ``rounds``."""
+    results = []
+    for kind, level in LOG_LEVELS.items():
+        command = [sys.executable, "-m", "benchmarks.inprocess", str(messages), str(rounds), level]
+        env = {**lap.bench(0).env, "AWS_ENDPOINT_URL_SQS": lap.proxy}
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"benchmarks.inprocess exited {done.returncode}:\n{done.stderr[-2000:]}"
+            )
+        runs = json.loads(done.stdout.splitlines()[-1])
+        ebsqs, base = statistics.median(runs["ebsqs"]), statistics.median(runs["plain"])
+        results.append(
+            Result(
+                f"{lap.label}, in one process: CPU per task, Worker / plain loop, {kind} logging"
+                if kind == "default"
+                else "  the same with --log-level warning",
+                ebsqs / base,
+                None,
+                f"{ebsqs * 1e6:.0f} vs {base * 1e6:.0f} us, medians of {rounds} x {messages}",
             )
         )
     return results
@@ -354,6 +398,7 @@ def run(endpoint: str, *, quick: bool = False) -> list[Result]:
             lap, "1 process", single, {"throughput default": ">= 0.9", "cpu default": "<= 1.2"}
         )
         results += compared(lap, "4 processes", group, {"throughput default": ">= 0.9"})
+        results += in_one_process(lap, scale.in_process, scale.rounds + 2)
     with leg(endpoint, SQS_DELAY) as lap:
         single = one_process(lap, scale.single[1], scale.rounds)
         group = four_processes(lap, scale.group[1], scale.rounds)

@@ -23,7 +23,11 @@ def _noop(*args: Any, **kwargs: Any) -> None:
 
 def consume(queue_url: str, count: int, wait_seconds: int = 20) -> None:
     """Receive, run and delete ``count`` messages, ten at a time."""
-    client = boto3.client("sqs")
+    consume_with(boto3.client("sqs"), queue_url, count, wait_seconds)
+
+
+def consume_with(client: Any, queue_url: str, count: int, wait_seconds: int = 20) -> None:
+    """:func:`consume` with a client of the caller's."""
     done = 0
     while done < count:
         response = client.receive_message(
