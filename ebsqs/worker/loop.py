@@ -69,19 +69,23 @@ RECEIVE_BACKOFF = Backoff(0.5, 30.0)
 DEGRADED_AFTER = 3
 #: Seconds an offloaded message waits before another try when S3 could not be read.
 PAYLOAD_RETRY_SECONDS = 10
-#: The fastest round trip (seconds) past which receives and deletes overlap the loop's work, on
-#: threads of their own. Below it (a broker on the same host) the loop makes them itself, one at
-#: a time: overlapping buys nothing there, costs a request per few messages, and the hand-offs
-#: between threads cost more CPU than the calls (with two threads taking turns with the GIL on
-#: two cores, each boto3 call cost half as much again: 1.7x the plain loop's CPU per task,
-#: against 1.05x with every call in the loop's thread). SQS itself answers in tens of
-#: milliseconds, never in 4; a local server under load answered a fifth of its receives in
-#: under 3 ms (fauxqs with four children on two cores: p10 2.6 ms, median 5.3, p90 9.4).
-PIPELINE_RTT = 0.004
-#: Receives (that brought messages) whose fastest round trip is the worker's measure of the
-#: broker's distance. The fastest, not the average: on a busy host a near broker's answers
-#: queue behind the CPU (the average crossed 8 ms there), but some still come back at once; a
-#: far broker's never come faster than the network's round trip and SQS's own work.
+#: Where the broker is, from the fastest of the last :data:`RTT_WINDOW` receives that brought
+#: messages: near once it is under ``NEAR_RTT`` seconds, far again only once it is at least
+#: ``FAR_RTT`` (between the two the verdict stands, so a window of slow answers on a busy host
+#: does not flip it). Far, receives and deletes overlap the loop's work on threads of their own.
+#: Near (a broker on the same host), the loop makes them itself, one at a time: overlapping buys
+#: nothing there, costs a request per few messages, and the hand-offs between threads cost more
+#: CPU than the calls (with two threads taking turns with the GIL on two cores, each boto3 call
+#: cost half as much again: 1.7x the plain loop's CPU per task, against 1.05x with every call in
+#: the loop's thread). Measured: fauxqs with four children on two cores answered receives in
+#: 1.5 ms at the fastest (p10 2.6 ms, median 5.3, p90 9.4, the average past 8 ms at times);
+#: SQS answers in tens of milliseconds. Until the first answer the broker counts as far for
+#: its receives and near for its deletes and whole-batch receives, as a plain loop does.
+NEAR_RTT = 0.004
+FAR_RTT = 0.008
+#: Receives the fastest is taken over. The fastest, not the average: on a busy host a near
+#: broker's answers queue behind the CPU, but some still come back at once; a far broker's
+#: never come faster than the network's round trip and the broker's own work.
 RTT_WINDOW = 20
 #: The fewest messages a receive asks for while the worker holds messages or a receive is under
 #: way. Asking for what just became free (one or two messages at a time) cost twice the plain
@@ -176,7 +180,8 @@ class Worker:
         self._receive_after = 0.0  # monotonic: no receive before (a backoff after failures)
         self._started = 0
         self._backlog = False  # the last receive brought messages: more may be waiting
-        self._rtt = 0.0  # seconds: the fastest of the last RTT_WINDOW receives with messages
+        # The broker is near (True), far (False) or not yet measured (None): see NEAR_RTT.
+        self._near: bool | None = None
         self._round_trips: deque[float] = deque(maxlen=RTT_WINDOW)
         # FIFO order is counted by receives: two in flight could hand a group's next message to
         # one while its head goes back through the other, using up a receive without a run.
@@ -370,7 +375,7 @@ class Worker:
         if self.executor.running():
             return self.executor.collect(wait)
         if wait > 0:
-            if self._rtt < PIPELINE_RTT:
+            if self._near is not False:
                 # Nothing to run: what finished need not wait for nine more on a near broker
                 # (a plain loop deletes each batch it ran). On a far one deletes go out from
                 # the sender's threads: a batch once ten are due, or the keeper's once the
@@ -397,7 +402,7 @@ class Worker:
 
     def _receives_here(self) -> bool:
         """Whether the loop makes the next receive itself: a near broker with a backlog."""
-        return self._backlog and 0 < self._rtt < PIPELINE_RTT
+        return self._backlog and self._near is True
 
     def _startable(self) -> bool:
         """Whether a waiting message could start now (see :meth:`_startable_index`)."""
@@ -437,11 +442,11 @@ class Worker:
         if not self._receiver.can_request() or time.monotonic() < self._receive_after:
             return False
         if self._receiver.in_flight and (
-            not self._backlog or self._rtt < PIPELINE_RTT or self._one_receive
+            not self._backlog or self._near is not False or self._one_receive
         ):
             return False  # an empty queue needs one poll, not two; a near broker, one at a time
         room = self._room()
-        if self._rtt < PIPELINE_RTT and self._held and room < MAX_BATCH:
+        if self._near is not False and self._held and room < MAX_BATCH:
             return False  # a near broker: ask for a whole batch once enough of what is held ran
         if (self._held or self._receiver.in_flight) and room < MIN_RECEIVE:
             return False  # a receive for a message or two costs a whole request's CPU
@@ -465,7 +470,7 @@ class Worker:
         polls for at most :data:`BUSY_POLL_SECONDS`, so a drain never waits out a 20-second
         poll behind a running task, and a second request (only after a receive brought
         messages) does not wait at all. While a near broker (a round trip under
-        :data:`PIPELINE_RTT`) has a backlog, the loop receives itself, without waiting: the
+        :data:`NEAR_RTT`) has a backlog, the loop receives itself, without waiting: the
         first empty answer sends the next poll back to a receiver thread.
         """
         while self._wants_messages():
@@ -508,8 +513,12 @@ class Worker:
         self._backlog = bool(receipt.messages)
         if receipt.messages:
             self._round_trips.append(receipt.took)
-            self._rtt = min(self._round_trips)
-            self._settler.deletes_here = self._rtt < PIPELINE_RTT
+            fastest = min(self._round_trips)
+            if fastest < NEAR_RTT:
+                self._near = True
+            elif fastest >= FAR_RTT:
+                self._near = False
+            self._settler.deletes_here = self._near is True
         if not receipt.messages:
             self.counters.empty_receives += 1
         if self._stopping.is_set():

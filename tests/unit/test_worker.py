@@ -1055,3 +1055,25 @@ def test_an_inline_worker_on_a_far_broker_deletes_ten_at_a_time_though_receives_
     worker.drain()
     assert max(peak, *holding) <= 1 + 10
     assert sum(acks) == 200 and acks.count(10) >= 15, acks
+
+
+@pytest.mark.timeout(30)
+def test_answers_between_the_near_and_far_lines_keep_the_verdict(reg: TaskRegistry) -> None:
+    """A near broker whose answers then all take 6 ms (a busy host: over the 4 ms line, under
+    the 8 ms one) stays near: the loop keeps receiving and deleting itself."""
+
+    class Busier(_Loaded):
+        def receive(self, *args: object, **kwargs: object):  # type: ignore[no-untyped-def,override]
+            self.slow = 4 if self.calls >= 3 else 0  # the first three answer at once
+            return super().receive(*args, **kwargs)
+
+    broker = Busier(0, seconds=0.006)
+    task(name="brief", registry=reg)(lambda: None)
+    put(broker, *(body("brief") for _ in range(300)))
+    worker = make_worker(broker, reg)
+    wait_until(
+        lambda: worker.loop_once() or worker.counters.total("succeeded") == 300, 20, interval=0
+    )
+    worker.drain()
+    assert worker._near is True and worker._settler.deletes_here is True
+    assert all(name == "MainThread" for name in broker.threads[3:-2]), broker.threads
