@@ -244,6 +244,11 @@ class SQSBroker:
         """Both clients of this process, for event hooks that must see every request."""
         return self.client, self.settle_client
 
+    @property
+    def endpoint_url(self) -> str:
+        """Where requests go (``AWS_ENDPOINT_URL_SQS``, or the region's SQS endpoint)."""
+        return str(self.client.meta.endpoint_url)
+
     def _client_of(self, kind: str) -> SQSClient:
         pid = os.getpid()
         made = self._clients.get(kind)
