@@ -398,12 +398,7 @@ class Worker:
         if self.executor.running():
             return self.executor.collect(wait)
         if wait > 0:
-            if self._near is not False:
-                # Nothing to run: what finished need not wait for nine more on a near broker
-                # (a plain loop deletes each batch it ran). On a far one deletes go out from
-                # the sender's threads: a batch once ten are due, or the keeper's once the
-                # oldest waited ack_wait; a request per ten messages, not one per receipt.
-                self._settler.flush_acks()
+            self._settler.flush_acks()  # nothing to run: what finished need not wait for nine
             with self._pulse.blocked():
                 if self._receiver.in_flight:
                     self._take_receipts(wait)
