@@ -12,9 +12,13 @@ depend on the machine; absolute figures go in ``detail``.
 
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+#: ``BENCH_VERBOSE=1`` prints every run's absolute figures as it ends.
+VERBOSE = os.environ.get("BENCH_VERBOSE", "") not in ("", "0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,15 @@ class Drain:
     def cpu_per_1000(self) -> float:
         """CPU seconds per 1,000 messages."""
         return self.cpu_seconds * 1000 / self.messages
+
+
+def report(label: str, drain: Drain) -> None:
+    """With :data:`VERBOSE`, print one run's rate and CPU as it ends."""
+    if VERBOSE:
+        print(
+            f"    {label}: {drain.rate:.0f} msg/s, {drain.cpu_per_1000:.3f} CPU s per 1,000",
+            flush=True,
+        )
 
 
 def median_drain(drains: Sequence[Drain]) -> Drain:

@@ -38,11 +38,11 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks import Drain, Result, median_drain
+from benchmarks import VERBOSE, Drain, Result, median_drain, report
 from benchmarks import supervisor as sup
 from benchmarks.counting_proxy import RequestCounter, counting_proxy
 from benchmarks.tasks import LEDGER_VARIABLE, record
-from benchmarks.worker import ROOT, VERBOSE, Bench
+from benchmarks.worker import ROOT, Bench
 from benchmarks.worker import Scale as WorkerScale
 from ebsqs.envelope import Envelope, encode
 
@@ -139,12 +139,7 @@ def alternate(runners: dict[str, Callable[[], Drain]], rounds: int) -> dict[str,
         for label in labels if number % 2 == 0 else labels[::-1]:
             measured = runners[label]()
             runs[label].append(measured)
-            if VERBOSE:
-                print(
-                    f"    {label}: {measured.rate:.0f} msg/s, "
-                    f"{measured.cpu_per_1000:.3f} CPU s per 1,000",
-                    flush=True,
-                )
+            report(label, measured)
     return {label: median_drain(drains) for label, drains in runs.items()}
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks import Drain, Result, median_drain, plain
+from benchmarks import Drain, Result, median_drain, plain, report
 from benchmarks.worker import Bench
 from benchmarks.worker import Scale as WorkerScale
 from ebsqs.envelope import Envelope, encode
@@ -49,8 +49,6 @@ POLL_SECONDS = 0.02
 RUN_TIMEOUT = 120.0
 CHILDREN = 4
 TITLE = re.compile(r"ebsqs: worker\[[^\]]+\] #\d+ (?P<state>\w+)")
-#: ``BENCH_VERBOSE=1`` prints every run's absolute figures as it ends.
-VERBOSE = os.environ.get("BENCH_VERBOSE", "") not in ("", "0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,9 +215,7 @@ def throughput(bench: Bench, rounds: int) -> list[Result]:
         for label in labels[shift:] + labels[:shift]:
             window = drain(bench, kinds[label])
             windows[label].append(window)
-            if VERBOSE:
-                print(f"    {label}: {window.rate:.0f} msg/s, "
-                      f"{window.cpu_per_1000:.3f} CPU s per 1,000", flush=True)  # fmt: skip
+            report(label, window)
     plain, sup, workers = (median_drain(windows[label]) for label in labels)
     return [
         Result(

@@ -40,7 +40,7 @@ from typing import Any
 import boto3
 import psutil
 
-from benchmarks import Drain, Result, median_drain, plain
+from benchmarks import VERBOSE, Drain, Result, median_drain, plain, report
 from benchmarks.counting_proxy import counting_proxy
 from benchmarks.tasks import noop
 from ebsqs import producer
@@ -50,8 +50,6 @@ from tests import servers
 
 ROOT = Path(__file__).resolve().parent.parent
 POLL_SECONDS = 0.02
-#: ``BENCH_VERBOSE=1`` prints every run's absolute figures as it ends.
-VERBOSE = os.environ.get("BENCH_VERBOSE", "") not in ("", "0")
 RUN_TIMEOUT = 120.0
 
 
@@ -194,12 +192,7 @@ def consumers(bench: Bench) -> list[Result]:
         for label in labels[shift:] + labels[:shift]:
             measured = runners[label]()
             runs[label].append(measured)
-            if VERBOSE:
-                print(
-                    f"    {label}: {measured.rate:.0f} msg/s, "
-                    f"{measured.cpu_per_1000:.3f} CPU s per 1,000",
-                    flush=True,
-                )
+            report(label, measured)
     plain_runs, worker_runs, info_runs = runs.values()
     base, work, info = median_drain(plain_runs), median_drain(worker_runs), median_drain(info_runs)
     return [

@@ -50,12 +50,11 @@ class Pulse:
         if threading.get_ident() != self._owner:
             yield
             return
-        self._blocked += 1
+        self.enter()
         try:
             yield
         finally:
-            self._blocked -= 1
-            self._at = time.monotonic()
+            self.leave()
 
     def enter(self) -> None:
         """:meth:`blocked` without a context manager, for the loop's own thread on its per-task
